@@ -1,0 +1,37 @@
+"""Exceptions raised by ensembler.
+
+Every error a user can cause (bad file, bad flag, mismatched logits) derives from
+:class:`EnsemblerError`, so the CLI can print its message and exit non-zero without a
+traceback. Messages name the offending file, row, id or flag.
+"""
+
+from __future__ import annotations
+
+
+class EnsemblerError(Exception):
+    """Base class of every user-facing error."""
+
+
+class DataError(EnsemblerError, ValueError):
+    """Bad dataset input: a missing/corrupt image, a bad CSV, an unknown class, bad folds."""
+
+
+class ImageDecodeError(DataError):
+    """An image could not be decoded. ``path`` names the file."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot decode image {self.path}: {reason}")
+
+
+class RegistryError(EnsemblerError):
+    """The checkpoint registry was asked for something it does not hold or cannot accept."""
+
+
+class IntegrityError(RegistryError):
+    """A file on disk does not match what the registry recorded (sha256, finite tensors)."""
+
+
+class LogitError(EnsemblerError, ValueError):
+    """Logits that cannot be used: NaN, wrong class count, ids that do not match."""
