@@ -1,0 +1,40 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ensembler import _io
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    p = tmp_path / "a.json"
+    _io.write_json_atomic(p, {"x": 1})
+    _io.write_json_atomic(p, {"x": np.int64(2), "arr": np.arange(2)})
+    assert json.loads(p.read_text()) == {"x": 2, "arr": [0, 1]}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "a.txt"
+    _io.write_text_atomic(p, "old")
+    with pytest.raises(RuntimeError):
+        with _io.atomic_write(p, "w") as fh:
+            fh.write("half of the new")
+            raise RuntimeError("crash mid-write")
+    assert p.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_atomic_path_and_npz(tmp_path):
+    p = tmp_path / "l.npz"
+    _io.save_npz_atomic(p, ids=np.array(["a", "b"]), logits=np.ones((2, 3), np.float32))
+    with np.load(p) as z:
+        assert list(z["ids"]) == ["a", "b"] and z["logits"].shape == (2, 3)
+    q = tmp_path / "w.bin"
+    with pytest.raises(ValueError):
+        with _io.atomic_path(q) as tmp:
+            tmp.write_bytes(b"x")
+            raise ValueError
+    assert not q.exists() and os.listdir(tmp_path) == ["l.npz"]
+    assert _io.sha256_file(p) == _io.sha256_bytes(p.read_bytes())

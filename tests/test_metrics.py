@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn import metrics as skm
+
+from ensembler import metrics
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 7), st.integers(1, 60), st.integers(0, 10_000))
+def test_macro_f1_and_accuracy_match_sklearn(c, n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    p = rng.integers(0, c, n)
+    assert metrics.macro_f1(y, p, c) == pytest.approx(
+        skm.f1_score(y, p, average="macro", labels=list(range(c)), zero_division=0)
+    )
+    assert metrics.macro_f1(y, p) == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0))
+    assert metrics.accuracy(y, p) == pytest.approx(skm.accuracy_score(y, p))
+    np.testing.assert_array_equal(metrics.confusion_matrix(y, p, c), skm.confusion_matrix(y, p, labels=range(c)))
+
+
+def test_log_loss_matches_sklearn():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(50, 4)) * 3
+    y = rng.integers(0, 4, 50)
+    assert metrics.log_loss(y, z) == pytest.approx(skm.log_loss(y, metrics.softmax(z), labels=range(4)))
+
+
+def test_ece_zero_for_perfectly_calibrated_certain_predictions():
+    z = np.array([[50.0, 0.0], [0.0, 50.0]])
+    assert metrics.expected_calibration_error([0, 1], z) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.expected_calibration_error([1, 0], z) == pytest.approx(1.0, abs=1e-9)
