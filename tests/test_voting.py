@@ -150,5 +150,5 @@ def test_invalid_parameters(kwargs, match):
 def test_nan_logits_named():
     bad = np.zeros((2, 3))
     bad[1, 1] = np.nan
-    with pytest.raises(ValueError, match="non-finite logits .* member 'b'"):
+    with pytest.raises(ValueError, match=r"non-finite logits .* member\(s\) 'b'"):
         vote({"a": np.zeros((2, 3)), "b": bad})
