@@ -1,0 +1,470 @@
+"""Model construction (any timm architecture, flat or factored head) and safe loading of
+outside checkpoints.
+
+A *flat* head outputs one logit per class of the LabelSpace. A *factored* head outputs one
+block of logits per factor (mask 3 + gender 2 + age 3 = 8 outputs); its joint
+log-probabilities are the sum of each block's log-softmax, so flat and factored models meet
+in one joint space (:func:`joint_logits`, :func:`joint_log_probs`).
+
+Outside checkpoints (``.pth``, ``.pth.tar``, ``.pt``, ``.bin``, ``.ckpt``, ``.safetensors``)
+are read by :func:`load_outside_state_dict`: pickled files only ever with
+``torch.load(..., weights_only=True)`` passed explicitly, never a fallback to full
+unpickling, because unpickling an untrusted file runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .errors import EnsemblerError, RegistryError
+from .labels import LabelSpace, factored_to_joint_logprobs
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+HEADS = ("flat", "factored")
+
+#: Suffixes :func:`load_outside_state_dict` reads. ``.ckpt`` is PyTorch Lightning's.
+CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".ckpt", ".safetensors")
+
+# Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile, Lightning modules.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+_PLAIN_KEYS = ("state_dict", "model")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+
+
+# ---------------------------------------------------------------------------- heads
+def _as_label_space(label_space) -> LabelSpace:
+    if isinstance(label_space, LabelSpace):
+        return label_space
+    if isinstance(label_space, Mapping):
+        return LabelSpace.from_dict(dict(label_space))
+    raise EnsemblerError(
+        f"label_space must be a LabelSpace or its dict form, got {type(label_space).__name__}"
+    )
+
+
+def _check_head(head: str, label_space: LabelSpace) -> None:
+    if head not in HEADS:
+        raise EnsemblerError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "factored" and not label_space.is_factored:
+        raise EnsemblerError(
+            f"a factored head needs a factored LabelSpace (e.g. LabelSpace.mask()); "
+            f"this one has {label_space.num_classes} unfactored classes"
+        )
+
+
+def head_num_outputs(label_space, head: str = "flat") -> int:
+    """Number of outputs of a head over ``label_space``.
+
+    Parameters
+    ----------
+    label_space : LabelSpace or dict
+    head : {"flat", "factored"}
+
+    Returns
+    -------
+    int
+        ``num_classes`` for a flat head, the sum of the factor sizes for a factored one.
+
+    Examples
+    --------
+    >>> from ensembler import LabelSpace
+    >>> head_num_outputs(LabelSpace.mask(), "flat"), head_num_outputs(LabelSpace.mask(), "factored")
+    (18, 8)
+    """
+    ls = _as_label_space(label_space)
+    _check_head(head, ls)
+    return ls.num_classes if head == "flat" else int(sum(ls.factor_sizes))
+
+
+def _check_outputs(outputs, head: str, ls: LabelSpace) -> None:
+    expected = head_num_outputs(ls, head)
+    if outputs.ndim != 2 or outputs.shape[1] != expected:
+        raise EnsemblerError(
+            f"a {head} head over {ls.num_classes} classes has {expected} outputs per image; "
+            f"got an array of shape {tuple(outputs.shape)}"
+        )
+
+
+def joint_logits(outputs, head: str, label_space):
+    """Model outputs -> joint logits over the LabelSpace.
+
+    Flat heads: the raw logits, unchanged. Factored heads: joint log-probabilities,
+    ``logp[m, g, a] = log_softmax(mask)[m] + log_softmax(gender)[g] + log_softmax(age)[a]``.
+    Either way ``softmax`` of the result gives the class probabilities. Works on torch
+    tensors and numpy arrays of shape (N, head_num_outputs).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ensembler import LabelSpace
+    >>> joint_logits(torch.zeros(2, 8), "factored", LabelSpace.mask()).shape
+    torch.Size([2, 18])
+    """
+    ls = _as_label_space(label_space)
+    _check_outputs(outputs, head, ls)
+    if head == "flat":
+        return outputs
+    return factored_to_joint_logprobs(outputs, ls.factor_sizes)
+
+
+def joint_log_probs(outputs, head: str, label_space):
+    """Model outputs -> joint log-probabilities (normalised: ``exp`` sums to 1 per row)."""
+    ls = _as_label_space(label_space)
+    _check_outputs(outputs, head, ls)
+    if head == "factored":
+        return factored_to_joint_logprobs(outputs, ls.factor_sizes)
+    if hasattr(outputs, "log_softmax"):
+        return outputs.log_softmax(dim=-1)
+    from .metrics import log_softmax
+
+    return log_softmax(outputs)
+
+
+# ---------------------------------------------------------------------------- construction
+def check_arch(arch: str) -> None:
+    """Raise an EnsemblerError naming close matches when ``arch`` is not a timm model."""
+    import timm
+
+    if not isinstance(arch, str) or not arch:
+        raise EnsemblerError(f"arch must be a timm model name, got {arch!r}")
+    if timm.is_model(arch):
+        return
+    names = timm.list_models()
+    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.6)
+    if not close:  # substring matches help for short names such as "effnet"
+        close = [n for n in names if arch.lower() in n][:5]
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise EnsemblerError(f"unknown timm architecture {arch!r}{hint}")
+
+
+def create_model(arch: str, *, label_space, head: str = "flat", pretrained: bool = False,
+                 pretrained_path: str | Path | None = None, pretrained_use_ema: bool | None = None,
+                 **timm_kwargs) -> "nn.Module":
+    """Build a timm model whose classifier matches ``label_space`` and ``head``.
+
+    Parameters
+    ----------
+    arch : str
+        Any timm architecture name (``timm.list_models()``), with or without a pretrained tag.
+    label_space : LabelSpace or dict
+        The classes; a factored head needs a factored space.
+    head : {"flat", "factored"}
+        ``flat``: ``num_classes`` outputs. ``factored``: one block per factor, concatenated.
+    pretrained : bool
+        Download timm's pretrained backbone weights (needs network access).
+    pretrained_path : path, optional
+        Local backbone weights instead of a download (any file :func:`load_outside_state_dict`
+        reads). Implies ``pretrained``. The classifier is re-initialised when its size differs,
+        exactly as for downloaded weights (timm's ``pretrained_cfg_overlay=dict(state_dict=...)``).
+    pretrained_use_ema : bool, optional
+        Which weights of ``pretrained_path`` to use when it holds both EMA and plain weights.
+    **timm_kwargs
+        Passed to ``timm.create_model`` (``drop_rate``, ``img_size``, ...).
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Examples
+    --------
+    >>> from ensembler import LabelSpace
+    >>> m = create_model("test_resnet", label_space=LabelSpace.mask(), head="factored")
+    >>> m.num_classes
+    8
+    """
+    import timm
+
+    ls = _as_label_space(label_space)
+    check_arch(arch)
+    num_outputs = head_num_outputs(ls, head)
+    if "num_classes" in timm_kwargs and timm_kwargs.pop("num_classes") != num_outputs:
+        raise EnsemblerError(
+            f"num_classes is set by label_space and head ({num_outputs} outputs); do not pass it"
+        )
+    if pretrained_path is not None:
+        state_dict = load_outside_state_dict(pretrained_path, use_ema=pretrained_use_ema)
+        overlay = dict(timm_kwargs.pop("pretrained_cfg_overlay", None) or {})
+        overlay["state_dict"] = state_dict
+        try:
+            return timm.create_model(arch, pretrained=True, num_classes=num_outputs,
+                                     pretrained_cfg_overlay=overlay, **timm_kwargs)
+        except RuntimeError as exc:  # load_state_dict size/key mismatch in the backbone
+            raise RegistryError(
+                f"pretrained weights {pretrained_path} do not fit {arch}: {exc}"
+            ) from exc
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, num_classes=num_outputs, **timm_kwargs)
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=num_outputs, **timm_kwargs)
+    except Exception as exc:  # noqa: BLE001 - hub/urllib/timm raise many types when offline
+        raise EnsemblerError(
+            f"pretrained weights for {arch!r} could not be downloaded ({type(exc).__name__}: {exc}). "
+            f"Train from scratch with --no-pretrained (pretrained=False), or use local weights "
+            f"with --pretrained-path PATH (create_model(..., pretrained_path=PATH)), "
+            f"e.g. a timm .safetensors/.pth file copied from a machine with hub access."
+        ) from exc
+
+
+def _meta_state_shapes(arch: str, ls: LabelSpace, head: str, model_kwargs: dict | None = None) -> dict:
+    """{key: shape} of the state dict ``create_model`` would produce, without allocating weights."""
+    import torch
+
+    kwargs = dict(model_kwargs or {})
+    try:
+        with torch.device("meta"):
+            model = create_model(arch, label_space=ls, head=head, **kwargs)
+    except EnsemblerError:
+        raise
+    except Exception:  # noqa: BLE001 - some init functions do not run on meta tensors
+        model = create_model(arch, label_space=ls, head=head, **kwargs)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------- state dicts
+@dataclass
+class StateDictCheck:
+    """How a state dict differs from what an architecture expects."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, given, expected
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 12) -> str:
+        def cut(items):
+            items = list(items)
+            more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+            return ", ".join(items[:limit]) + more
+
+        lines = []
+        if self.mismatched:
+            lines.append("shape mismatch: " + cut(
+                f"{k} checkpoint {list(g)} vs model {list(e)}" for k, g, e in self.mismatched))
+        if self.missing:
+            lines.append("missing: " + cut(self.missing))
+        if self.unexpected:
+            lines.append("unexpected: " + cut(self.unexpected))
+        return "; ".join(lines)
+
+
+def compare_state_dict(state_dict: Mapping[str, Any], expected_shapes: Mapping[str, tuple]) -> StateDictCheck:
+    """Compare keys and shapes of ``state_dict`` with ``expected_shapes`` ({key: shape})."""
+    check = StateDictCheck()
+    for key, shape in expected_shapes.items():
+        if key not in state_dict:
+            check.missing.append(key)
+        elif tuple(state_dict[key].shape) != tuple(shape):
+            check.mismatched.append((key, tuple(state_dict[key].shape), tuple(shape)))
+    check.unexpected = [k for k in state_dict if k not in expected_shapes]
+    return check
+
+
+def check_state_dict(state_dict: Mapping[str, Any], arch: str, *, label_space, head: str = "flat",
+                     source: str = "state dict", model_kwargs: dict | None = None,
+                     error=RegistryError) -> None:
+    """Raise ``error`` listing every missing, unexpected and mis-shaped key of ``state_dict``
+    against ``arch`` with ``head`` over ``label_space``; the message names ``source``."""
+    ls = _as_label_space(label_space)
+    expected = _meta_state_shapes(arch, ls, head, model_kwargs)
+    check = compare_state_dict(state_dict, expected)
+    if check.ok:
+        return
+    n_out = head_num_outputs(ls, head)
+    msg = (f"{source} does not match {arch} with a {head} head of {n_out} outputs: "
+           f"{check.describe()}")
+    hint = _class_count_hint(check, n_out)
+    raise error(msg + hint)
+
+
+def _class_count_hint(check: StateDictCheck, n_out: int) -> str:
+    # A classifier weight/bias whose leading dim is the only difference is a class-count mismatch.
+    for key, given, expected in check.mismatched:
+        if given and expected and given[0] != expected[0] and expected[0] == n_out and given[1:] == expected[1:]:
+            return (f" (class-count mismatch: the checkpoint's {key.rsplit('.', 1)[0]} has {given[0]} "
+                    f"outputs, the declared head {n_out})")
+    return ""
+
+
+def check_finite(state_dict: Mapping[str, Any], source: str, error=RegistryError) -> None:
+    """Raise ``error`` naming ``source`` and the keys of floating tensors holding NaN/inf."""
+    import torch
+
+    bad = [k for k, v in state_dict.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" ... and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise error(f"{source} holds non-finite (NaN/inf) values in {', '.join(bad[:8])}{more}; refused")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in sorted(CHECKPOINT_SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def _torch_load_weights_only(path: Path):
+    import torch
+
+    # timm's train script stores its argparse.Namespace under "args"; allowing that one plain
+    # attribute container keeps weights_only=True (no code runs) and reads timm checkpoints.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegistryError(
+            f"refused to load {path}: it holds pickled objects other than tensors, and unpickling "
+            f"them could run arbitrary code (torch.load weights_only=True rejected it: {first}). "
+            f"Re-save it as a plain state_dict or .safetensors on a machine you trust."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, ...
+        raise RegistryError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _is_tensor_dict(obj) -> bool:
+    import torch
+
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def _strip_prefixes(state_dict: dict) -> tuple[dict, list[str]]:
+    """Strip wrapper prefixes that *every* key carries (repeatedly: ``module._orig_mod.``)."""
+    stripped = []
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                stripped.append(prefix)
+                changed = True
+    return state_dict, stripped
+
+
+@dataclass
+class OutsideCheckpoint:
+    """A state dict read from an outside file and how it was found in it."""
+
+    state_dict: dict
+    path: str
+    key: str | None          # "state_dict", "state_dict_ema", ... or None for a bare state dict
+    ema: bool
+    stripped_prefixes: list[str]
+
+    def describe(self) -> dict:
+        return {"path": self.path, "key": self.key, "ema": self.ema,
+                "stripped_prefixes": self.stripped_prefixes}
+
+
+def read_outside_checkpoint(path, *, use_ema: bool | None = None) -> OutsideCheckpoint:
+    """Like :func:`load_outside_state_dict`, also saying which key and prefixes were used."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise RegistryError(
+            f"cannot import {path}: unknown checkpoint suffix {suffix or '(none)'!r}; "
+            f"expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise RegistryError(f"checkpoint file not found: {path}")
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError
+            raise RegistryError(f"cannot read safetensors file {path}: {exc}") from exc
+    else:
+        obj = _torch_load_weights_only(path)
+
+    key: str | None = None
+    if _is_tensor_dict(obj):
+        state_dict = dict(obj)
+    elif isinstance(obj, Mapping):
+        plain = [k for k in _PLAIN_KEYS if _is_tensor_dict(obj.get(k))]
+        ema = [k for k in _EMA_KEYS if _is_tensor_dict(obj.get(k))]
+        if not plain and not ema:
+            raise RegistryError(
+                f"{path} holds no state dict: expected a dict of tensors or one under "
+                f"{', '.join(_PLAIN_KEYS + _EMA_KEYS)}; found keys {sorted(map(str, obj))[:12]}"
+            )
+        if plain and ema and use_ema is None:
+            raise RegistryError(
+                f"{path} holds both EMA ({ema[0]}) and non-EMA ({plain[0]}) weights; choose one "
+                f"with --ema or --no-ema (use_ema=True/False)"
+            )
+        if use_ema is True and not ema:
+            raise RegistryError(f"--ema was asked for, but {path} holds no EMA weights (only {plain[0]})")
+        if use_ema is False and not plain:
+            raise RegistryError(f"--no-ema was asked for, but {path} holds only EMA weights ({ema[0]})")
+        key = ema[0] if (use_ema or not plain) else plain[0]
+        state_dict = dict(obj[key])
+    else:
+        raise RegistryError(f"{path} holds a {type(obj).__name__}, not a state dict")
+
+    state_dict, stripped = _strip_prefixes(state_dict)
+    check_finite(state_dict, str(path))
+    return OutsideCheckpoint(state_dict, str(path), key, key in _EMA_KEYS, stripped)
+
+
+def load_outside_state_dict(path, *, use_ema: bool | None = None) -> dict:
+    """Read a state dict from an outside checkpoint file, safely.
+
+    Parameters
+    ----------
+    path : path
+        ``.pth``, ``.pth.tar``, ``.pt``, ``.bin``, ``.ckpt`` (read with
+        ``torch.load(path, map_location="cpu", weights_only=True)``, never full unpickling)
+        or ``.safetensors``.
+    use_ema : bool, optional
+        For files holding both EMA (``state_dict_ema``/``model_ema``) and plain
+        (``state_dict``/``model``) weights this must be given; otherwise whichever exists is used.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Keys with the ``module.``, ``_orig_mod.`` and ``model.`` prefixes that every key
+        carries stripped.
+
+    Raises
+    ------
+    RegistryError
+        Unknown suffix, missing file, a pickle that needs code to run (refused), no state
+        dict found, an ambiguous EMA choice, or NaN/inf values.
+
+    Examples
+    --------
+    >>> sd = load_outside_state_dict("best.pth", use_ema=False)  # doctest: +SKIP
+    """
+    return read_outside_checkpoint(path, use_ema=use_ema).state_dict
+
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "HEADS",
+    "OutsideCheckpoint",
+    "StateDictCheck",
+    "check_arch",
+    "check_finite",
+    "check_state_dict",
+    "compare_state_dict",
+    "create_model",
+    "head_num_outputs",
+    "joint_log_probs",
+    "joint_logits",
+    "load_outside_state_dict",
+    "read_outside_checkpoint",
+]
