@@ -1,0 +1,413 @@
+"""Multi-member batched inference: decode once per geometry, views on the device, cached logits.
+
+:func:`predict_members` runs registry members (checkpoints, or whole families) over a
+SampleTable:
+
+1. members are resolved (``"all"``, family names, checkpoint ids) and every checkpoint whose
+   logits are already in the :class:`~ensembler.infer.store.LogitStore` is served from it,
+   with no model loaded and no forward pass;
+2. the remaining checkpoints are grouped by :attr:`Preprocess.geometry_key`; for each group a
+   DataLoader decodes every image **once** in worker processes (``decode_image`` + the
+   group's resize/centre-crop, giving uint8), pinned on CUDA;
+3. on the device each batch is normalised per checkpoint (mean/std differ between members
+   that share a geometry), its TTA views are built and stacked into the batch dimension, run
+   in chunks that fit (halved on out-of-memory; AMP fp16/bf16 and channels-last on CUDA,
+   optional ``torch.compile``), turned into joint logits (``models.joint_logits``) per view
+   and merged;
+4. each checkpoint's logits are cached only once the whole table has gone through it
+   (atomic writes), so a run stopped by a corrupt image leaves no partial cache file;
+5. a family's logits are the mean over its folds' logits.
+
+For factored heads, views are merged in the joint space (each view's factor logits become
+joint log-probabilities first), so ``mean-logits`` there averages joint log-probabilities.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..errors import DataError, EnsemblerError, ImageDecodeError, LogitError
+from .store import LogitStore, MemberLogits, default_cache_dir
+from .tta import build_views, check_merge, forward_chunked, merge_views, parse_tta
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["predict_members", "resolve_members", "BACKENDS"]
+
+BACKENDS = ("torch", "onnx")
+
+
+# ---------------------------------------------------------------------------- members
+def _is_entry(obj) -> bool:
+    return hasattr(obj, "sha256") and hasattr(obj, "preprocess") and hasattr(obj, "id")
+
+
+def resolve_members(registry, entries_or_names) -> list[tuple[str, list]]:
+    """``[(member name, [checkpoint entries])]`` in the order asked, without duplicates.
+
+    ``"all"`` is every family; a family name gives that family (its folds are averaged); a
+    checkpoint id gives that checkpoint alone; an :class:`Entry` stands for itself. A string
+    may hold several names separated by commas.
+    """
+    if isinstance(entries_or_names, str) or _is_entry(entries_or_names):
+        entries_or_names = [entries_or_names]
+    items: list = []
+    for item in entries_or_names:
+        if isinstance(item, str):
+            items.extend(s.strip() for s in item.split(",") if s.strip())
+        else:
+            items.append(item)
+    if not items:
+        raise EnsemblerError("no members given; pass 'all', family names or checkpoint ids")
+    families = set(registry.families())
+    out: dict[str, list] = {}
+    for item in items:
+        if _is_entry(item):
+            out.setdefault(item.id, [item])
+        elif item == "all":
+            for fam in registry.families():
+                out.setdefault(fam, list(registry.family(fam)))
+            if not families:
+                raise EnsemblerError(f"the registry {registry.root} holds no checkpoints ('all' is empty)")
+        elif item in families:
+            out.setdefault(item, list(registry.family(item)))
+        else:
+            out.setdefault(item, list(registry.resolve([item])))  # RegistryError names unknown ids
+    for name, entries in out.items():
+        if not entries:
+            raise EnsemblerError(f"member {name!r} has no checkpoints")
+    return list(out.items())
+
+
+# ---------------------------------------------------------------------------- decoding
+class _DecodeDataset:
+    """Decodes each image once and applies the group's geometry; errors travel as data.
+
+    A decode error inside a worker process is returned, not raised, because the DataLoader
+    re-raises worker exceptions as a generic RuntimeError that loses the file name.
+    """
+
+    def __init__(self, paths: Sequence[str], transform, size: tuple[int, int]):
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.size = tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        from ..data import decode_image
+
+        try:
+            img = self.transform(decode_image(self.paths[i]))
+            return i, img, ""
+        except ImageDecodeError as exc:
+            err = f"{exc.path}\0{exc.reason}"
+        except Exception as exc:  # noqa: BLE001 - any failure on one file names that file
+            err = f"{self.paths[i]}\0{type(exc).__name__}: {exc}"
+        return i, torch.zeros((3, *self.size), dtype=torch.uint8), err
+
+
+def _make_loader(paths, pre, batch_size: int, workers: int, pin: bool):
+    from torch.utils.data import DataLoader
+
+    ds = _DecodeDataset(paths, pre.geometry_transform(), pre.input_size)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
+                      drop_last=False, prefetch_factor=2 if workers > 0 else None)
+
+
+# ---------------------------------------------------------------------------- forwards
+def _resolve_device(device) -> "torch.device":
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EnsemblerError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def _resolve_precision(amp, device, backend: str) -> str:
+    import torch
+
+    if backend == "onnx" or device.type != "cuda" or amp in (False, None, "off", "fp32", "none"):
+        return "fp32"
+    if amp in (True, "auto"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp in ("fp16", "bf16"):
+        return amp
+    raise EnsemblerError(f"amp must be 'auto', 'fp16', 'bf16' or False, got {amp!r}")
+
+
+class TorchForward:
+    """Callable running a model on a float batch: channels-last and autocast on CUDA."""
+
+    def __init__(self, model, device, precision: str = "fp32", channels_last: bool | None = None):
+        import torch
+
+        self.device = torch.device(device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def __call__(self, x):
+        import torch
+
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype is None:
+            return self.model(x)
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+            return self.model(x)
+
+
+def _views_joint_merged(forward, x, plan, merge, entry, label_space, resize_to, chunk):
+    """(B, C) merged joint logits of one checkpoint for one normalised batch; returns the chunk used."""
+    import torch
+
+    from ..models import joint_logits
+
+    b, v = x.shape[0], len(plan)
+    per_view: list = [None] * v
+    for idx, stacked in build_views(x, plan, resize_to):
+        out, chunk = forward_chunked(forward, stacked, chunk)
+        for j, vi in enumerate(idx):
+            per_view[vi] = out[j * b:(j + 1) * b]
+    views = torch.stack(per_view, dim=1)
+    joint = joint_logits(views.reshape(b * v, -1), entry.head, label_space).reshape(b, v, -1)
+    return merge_views(joint, merge), chunk
+
+
+# ---------------------------------------------------------------------------- main entry
+def predict_members(table, entries_or_names="all", registry=None, *, tta="none", merge: str = "mean-logits",
+                    backend: str = "torch", batch_size: int = 32, workers: int = 0, device=None,
+                    cache_dir=None, use_cache: bool = True, amp="auto", compile: bool = False,
+                    progress: bool = True, chunk_size: int | None = None,
+                    onnx_threads: int | None = None) -> dict[str, MemberLogits]:  # noqa: A002 - compile
+    """Logits of registry members over a SampleTable, with TTA, per-member preprocessing and caching.
+
+    Parameters
+    ----------
+    table : SampleTable
+        Images to run (labels not needed).
+    entries_or_names : str, Entry or list
+        ``"all"`` (every family), family names (mean over the family's folds), checkpoint
+        ids, or :class:`Entry` objects; a string may list several, comma-separated.
+    registry : Registry
+        Where the checkpoints live (default: ``Registry()``).
+    tta : str
+        TTA plan (see :func:`ensembler.infer.parse_tta`), e.g. ``"flip"``.
+    merge : str
+        Merge rule over views: ``mean-logits``, ``mean-probs``, ``gmean-probs``, ``max-probs``.
+    backend : {"torch", "onnx"}
+        ``onnx`` runs each checkpoint's ``model.onnx`` through onnxruntime, exporting it
+        (with a parity check) on first use; the recorded onnx sha256 is verified before use.
+    batch_size : int
+        Images per decoded batch (each becomes ``batch_size x views`` model inputs).
+    workers : int
+        DataLoader decode processes (0 decodes in this process).
+    device : str, optional
+        ``"cuda"``, ``"cpu"``...; default CUDA when available.
+    cache_dir : path, optional
+        LogitStore folder (default ``$ENSEMBLER_CACHE/logits`` or
+        ``<registry>/../.ensembler_cache/logits``).
+    use_cache : bool
+        Read cached logits when the key matches; ``False`` forces a forward pass (results are
+        still written to the cache).
+    amp : {"auto", "fp16", "bf16", False}
+        Autocast precision on CUDA (``auto``: bf16 where supported, else fp16); CPU runs fp32.
+    compile : bool
+        ``torch.compile`` each model (CUDA: worth it for long runs only).
+    progress : bool
+        Show a rich progress bar over images.
+    chunk_size : int, optional
+        Images per forward (default ``batch_size x views``); halved on out-of-memory.
+    onnx_threads : int, optional
+        onnxruntime intra-op threads (default ``torch.get_num_threads()``).
+
+    Returns
+    -------
+    dict[str, MemberLogits]
+        Keyed by member name, in the order asked. ``meta["cached"]`` is True when every
+        checkpoint of the member came from the cache (no forward pass).
+
+    Raises
+    ------
+    ImageDecodeError
+        A corrupt image, named; nothing partial is written to the cache.
+
+    Examples
+    --------
+    >>> out = predict_members(table, "all", registry, tta="flip", progress=False)  # doctest: +SKIP
+    >>> out["resnet18"].logits.shape  # doctest: +SKIP
+    (1200, 18)
+    """
+    if registry is None:
+        from ..registry import Registry
+
+        registry = Registry()
+    plan = parse_tta(tta)
+    merge = check_merge(merge)
+    if backend not in BACKENDS:
+        raise EnsemblerError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if int(batch_size) < 1:
+        raise EnsemblerError(f"batch_size must be >= 1, got {batch_size}")
+    if int(workers) < 0:
+        raise EnsemblerError(f"workers must be >= 0, got {workers}")
+    if len(table) == 0:
+        raise DataError("the data has no images: nothing to predict")
+
+    members = resolve_members(registry, entries_or_names)
+    checkpoints: dict[str, Any] = {}
+    for _, entries in members:
+        for e in entries:
+            checkpoints.setdefault(e.id, e)
+    for e in checkpoints.values():
+        try:
+            plan.check_input(e.pre.input_size)
+        except EnsemblerError as exc:
+            raise type(exc)(f"checkpoint {e.id!r} (input {e.pre.input_size[0]}x{e.pre.input_size[1]}): {exc}") from None
+
+    dev = _resolve_device(device)
+    precision = _resolve_precision(amp, dev, backend)
+    store = LogitStore(cache_dir if cache_dir is not None else default_cache_dir(registry.root))
+    fingerprint = table.fingerprint()
+    ids = np.asarray(table.ids).astype(str)
+
+    keys, results, from_cache = {}, {}, set()
+    for cid, e in checkpoints.items():
+        keys[cid] = store.key(producer=cid, sha256=e.sha256, tta=plan.spec, merge=merge, fingerprint=fingerprint,
+                              backend=backend, precision=precision,
+                              extra={"preprocess": e.pre.to_dict(), "head": e.head,
+                                     "classes": list(e.labels.classes)})
+        if use_cache:
+            hit = store.load(keys[cid], ids=ids)
+            if hit is not None:
+                results[cid] = hit[0]
+                from_cache.add(cid)
+
+    todo = [e for cid, e in checkpoints.items() if cid not in results]
+    groups: dict[tuple, list] = {}
+    for e in todo:
+        groups.setdefault(e.pre.geometry_key, []).append(e)
+
+    timings: dict[str, float] = {}
+    if groups:
+        with _progress_bar(progress, total=len(ids) * len(groups)) as advance:
+            for group in groups.values():
+                computed = _run_group(table, group, registry, plan=plan, merge=merge, backend=backend,
+                                      batch_size=int(batch_size), workers=int(workers), device=dev,
+                                      precision=precision, compile=compile, chunk_size=chunk_size,
+                                      onnx_threads=onnx_threads, advance=advance, timings=timings)
+                # Cache only now: every checkpoint of the group has seen every image.
+                for e in group:
+                    logits = computed[e.id]
+                    meta = {"producer": e.id, "family": e.family, "sha256": e.sha256, "tta": plan.spec,
+                            "merge": merge, "backend": backend, "precision": precision,
+                            "fingerprint": fingerprint, "classes": list(e.labels.classes)}
+                    store.save(keys[e.id], ids, logits, meta)
+                    results[e.id] = logits
+
+    out: dict[str, MemberLogits] = {}
+    for name, entries in members:
+        spaces = {tuple(e.labels.classes) for e in entries}
+        if len(spaces) != 1:
+            raise LogitError(f"member {name!r}: its checkpoints predict different classes; "
+                             f"they cannot be averaged ({[e.id for e in entries]})")
+        shapes = {results[e.id].shape for e in entries}
+        if len(shapes) != 1:
+            raise LogitError(f"member {name!r}: checkpoint logits have different shapes {sorted(shapes)}")
+        logits = np.mean([results[e.id] for e in entries], axis=0, dtype=np.float64).astype(np.float32)
+        meta = {
+            "checkpoints": [e.id for e in entries], "sha256": {e.id: e.sha256 for e in entries},
+            "tta": plan.spec, "views": len(plan), "merge": merge, "backend": backend, "precision": precision,
+            "fingerprint": fingerprint, "cached": all(e.id in from_cache for e in entries),
+            "cached_checkpoints": [e.id for e in entries if e.id in from_cache],
+            "cache_files": [str(store.paths(keys[e.id])[0]) for e in entries],
+            "seconds": round(sum(timings.get(e.id, 0.0) for e in entries), 3),
+            "device": str(dev),
+        }
+        out[name] = MemberLogits(name, ids, logits, entries[0].labels, meta)
+    return out
+
+
+def _run_group(table, group, registry, *, plan, merge, backend, batch_size, workers, device, precision,
+               compile, chunk_size, onnx_threads, advance, timings) -> dict[str, np.ndarray]:
+    """One decode pass over the table for checkpoints sharing a geometry; returns logits per checkpoint."""
+    import torch
+
+    forwards = []
+    for e in group:
+        if backend == "onnx":
+            from .onnx import load_onnx_forward
+
+            fwd = load_onnx_forward(registry, e, device=device, threads=onnx_threads)
+        else:
+            model = registry.load_model(e, device=str(device))
+            model.eval()
+            if compile:
+                model = torch.compile(model)
+            fwd = TorchForward(model, device, precision)
+        resize_to = e.pre.input_size if e.pre.fixed_input_size else None
+        forwards.append([e, fwd, resize_to, chunk_size])
+
+    pre = group[0].pre
+    loader = _make_loader(list(table.paths), pre, batch_size, workers, pin=device.type == "cuda")
+    outs: dict[str, list] = {e.id: [] for e in group}
+    with torch.inference_mode():
+        for _, images, errors in loader:
+            bad = [err for err in errors if err]
+            if bad:
+                path, _, reason = bad[0].partition("\0")
+                raise ImageDecodeError(path, reason)
+            x = images.to(device, non_blocking=True)
+            for slot in forwards:
+                e, fwd, resize_to, chunk = slot
+                t0 = time.perf_counter()
+                merged, slot[3] = _views_joint_merged(fwd, e.pre.normalize(x), plan, merge, e, e.labels,
+                                                      resize_to, chunk)
+                outs[e.id].append(merged.cpu().numpy())
+                timings[e.id] = timings.get(e.id, 0.0) + time.perf_counter() - t0
+            advance(len(images))
+    result = {}
+    for e in group:
+        logits = np.concatenate(outs[e.id], axis=0).astype(np.float32, copy=False)
+        if not np.isfinite(logits).all():
+            rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+            raise LogitError(f"checkpoint {e.id!r} produced non-finite logits for id "
+                             f"{table.ids[rows[0]]!r} ({len(rows)} rows); nothing was cached")
+        result[e.id] = logits
+    return result
+
+
+class _progress_bar:
+    """Rich progress over images, or a no-op; used as ``with _progress_bar(on, total) as advance``."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("inference"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("images"), TimeRemainingColumn())
+        self._progress.__enter__()
+        task = self._progress.add_task("inference", total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
