@@ -1,7 +1,154 @@
-"""`ensembler` commands of this group (see ensembler/cli/__init__.py)."""
+"""`ensembler train-folds`: k-fold training of one architecture into a registered family."""
 
 from __future__ import annotations
 
+import argparse
+
+from ._common import add_data_args, add_registry_arg, console, err_console, parse_int_list
+
+_EPILOG = """\
+examples:
+  ensembler train-folds --data digits --arch resnet18 --no-pretrained --img-size 32 --epochs 8
+  ensembler train-folds --data /data/mask/train --arch efficientnet_b3 --k 5 --loss mix --loss-weights ce=0.3,f1=0.7
+  ensembler train-folds --data /data/mask/train --arch efficientnet_b3 --target age --loss focal
+  ensembler train-folds --data /data/mask/train --arch resnet50 --resume --family resnet50-flat
+
+files (under the registry): <family>/fold<k>/weights.safetensors, <family>/oof.npz,
+<family>/metrics.csv, <family>/learning_curves.png; <family>/fold<k>/state.pt while a fold
+trains (--resume continues from it).
+"""
+
 
 def register(sub) -> None:
-    """Add this group's commands to the top-level parser (none yet)."""
+    """Add ``train-folds``."""
+    p = sub.add_parser(
+        "train-folds",
+        help="train an architecture on k person-grouped folds; register checkpoints and OOF logits",
+        description="Split the data into K grouped, stratified folds; train one model per fold, keep the "
+        "best epoch by validation macro-F1 (or --monitor), register each checkpoint, and write the "
+        "family's out-of-fold logits, metrics.csv and learning curves.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_args(p)
+    add_registry_arg(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", required=True, help="timm architecture, e.g. resnet18, efficientnet_b3, swin_base_patch4_window7_224")
+    g.add_argument("--head", choices=("flat", "factored"), default="flat",
+                   help="flat: one logit per class; factored: one block per factor (mask data) (default flat)")
+    g.add_argument("--target", choices=("mask", "gender", "age"), default=None,
+                   help="train a per-factor model predicting only this factor (mask data)")
+    g.add_argument("--img-size", type=int, default=None, metavar="PX", help="input size (default: the arch's own)")
+    g.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
+                   help="start from timm's pretrained weights (default; needs hub access or --pretrained-path)")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="train from scratch")
+    g.add_argument("--pretrained-path", default=None, metavar="FILE",
+                   help="local pretrained weights (.safetensors/.pth) instead of a download")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
+
+    g = p.add_argument_group("folds")
+    g.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
+    g.add_argument("--folds", default=None, metavar="I,J", help="train only these folds, e.g. 0,3 (OOF is then partial)")
+    g.add_argument("--family", default=None, help="registry family name (default <arch>-<head>[-<target>], made unique)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of --family (or of the newest default-named family): "
+                   "finished folds are skipped, an unfinished one continues from its last epoch")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="epochs per fold (default 10)")
+    g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (default 0.01)")
+    g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw", help="default adamw")
+    g.add_argument("--scheduler", choices=("cosine", "cosine-restarts", "step", "none"), default="cosine",
+                   help="LR schedule after warm-up, stepped per batch (default cosine)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs (default 1)")
+    g.add_argument("--loss", choices=("ce", "focal", "label-smoothing", "f1", "mix"), default="ce",
+                   help="ce, focal, label-smoothing, f1 (soft macro-F1) or mix (default ce)")
+    g.add_argument("--loss-weights", default=None, metavar="ce=0.3,f1=0.7", help="weights of --loss mix")
+    g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")
+    g.add_argument("--augment", nargs="?", const="standard", default="auto",
+                   choices=("auto", "standard", "light", "none"),
+                   help="train-time augmentation: standard (crop+flip+colour, photos/faces), light "
+                   "(small crop+rotation, no flip: digits/text), none; auto = light for digits, else "
+                   "standard (default auto; bare --augment = standard)")
+    g.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="= --augment none")
+    g.add_argument("--monitor", choices=("f1", "acc", "loss"), default="f1",
+                   help="validation metric that picks the best epoch (default f1 = macro-F1)")
+    g.add_argument("--patience", type=int, default=5,
+                   help="stop a fold after this many epochs without improvement; 0 = never (default 5)")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16, else fp16); ignored on CPU")
+    g.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, init, shuffling, augmentation (default 0)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms: a resumed run matches an uninterrupted one (CPU)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_train_folds)
+
+
+def config_from_args(args):
+    """The TrainConfig the parsed flags describe."""
+    from ..train.config import TrainConfig
+
+    return TrainConfig(
+        arch=args.arch, k=args.k, folds=parse_int_list(args.folds, "--folds"), family=args.family,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, scheduler=args.scheduler, warmup_epochs=args.warmup_epochs,
+        img_size=args.img_size, head=args.head, loss=args.loss, loss_weights=args.loss_weights,
+        focal_gamma=args.focal_gamma, smoothing=args.smoothing, augment=args.augment, amp=args.amp,
+        seed=args.seed, workers=args.workers, pretrained=args.pretrained or args.pretrained_path is not None,
+        pretrained_path=args.pretrained_path, monitor=args.monitor,
+        patience=None if args.patience == 0 else args.patience, device=args.device, target=args.target,
+        deterministic=args.deterministic, channels_last=args.channels_last,
+    )
+
+
+def _train_folds(args) -> int:
+    import time
+    import warnings
+
+    from ..data import load_source_from_args
+    from ..registry import Registry
+    from ..train import train_folds
+
+    config = config_from_args(args)  # bad flags fail before the data is read
+    table = load_source_from_args(args)
+    registry = Registry(args.registry)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = train_folds(table, config, registry, progress=args.progress, resume=args.resume,
+                             console=err_console())
+    seen = set()
+    for w in caught:
+        msg = str(w.message)
+        if msg not in seen and issubclass(w.category, UserWarning):
+            seen.add(msg)
+            err_console().print(f"[yellow]warning:[/] {msg}", highlight=False, markup=True)
+    _print_result(result, time.perf_counter() - t0)
+    return 0
+
+
+def _print_result(result, seconds: float) -> None:
+    from rich.table import Table
+
+    out = console()
+    t = Table(title=f"family {result.family} ({result.config.arch}, {result.config.head} head"
+              + (f", target {result.config.target}" if result.config.target else "") + ")", title_justify="left")
+    for col in ("fold", "checkpoint", "best epoch", "epochs run", "val macro-F1", "val acc", "val loss"):
+        t.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for f in result.folds:
+        t.add_row(str(f.fold), f.entry_id + (" (earlier run)" if f.skipped else ""), str(f.best_epoch),
+                  str(f.epochs_run) + (" (early stop)" if f.stopped_early else ""), f"{f.val_f1:.4f}",
+                  f"{f.val_acc:.4f}", f"{f.val_loss:.4f}")
+    label = "OOF (all folds)" if result.oof_complete else f"OOF (partial: {result.oof_rows}/{result.total_rows} rows)"
+    t.add_section()
+    t.add_row(label, str(result.oof_path), "", "", f"{result.oof_f1:.4f}", f"{result.oof_acc:.4f}", "")
+    out.print(t)
+    for note in result.notes:
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
+    out.print(f"metrics: {result.metrics_csv}\ncurves:  {result.curves_png}\ntime:    {seconds:.1f}s", highlight=False)

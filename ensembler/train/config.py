@@ -1,0 +1,214 @@
+"""TrainConfig: every knob of a k-fold training run, validated in one place.
+
+The config is stored with every registered checkpoint (``train_config``) and in the
+family's ``run.json``, so a run can be resumed and audited. Defaults are what a competition
+user would start from: AdamW, cosine schedule with one warm-up epoch, cross-entropy,
+pretrained weights, best epoch chosen by validation macro-F1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import EnsemblerError
+from .losses import LOSS_NAMES, parse_loss_weights
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "cosine-restarts", "step", "none")
+HEADS = ("flat", "factored")
+MONITORS = ("f1", "acc", "loss")
+TARGETS = ("mask", "gender", "age")
+AUGMENTS = ("auto", "standard", "light", "none")
+
+# Fields that must not change between an interrupted run and its --resume: they change
+# which images land in which fold, the label space, or the model's shape.
+RESUME_KEYS = ("arch", "k", "seed", "head", "target", "img_size", "pretrained")
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of :func:`ensembler.train.train_folds`.
+
+    Parameters
+    ----------
+    arch : str
+        timm architecture name, e.g. ``"resnet18"``, ``"efficientnet_b3"``.
+    k : int
+        Number of folds of the grouped stratified split.
+    folds : list of int, optional
+        Train only these folds (default: all ``k``). The OOF file is then partial.
+    family : str, optional
+        Registry family name; default ``<arch>-<head>[-<target>]`` made unique.
+    epochs, batch_size, lr, weight_decay : training basics.
+    optimizer : {"adamw", "adam", "sgd"}
+        SGD uses Nesterov momentum 0.9.
+    scheduler : {"cosine", "cosine-restarts", "step", "none"}
+        Stepped per batch after ``warmup_epochs`` of linear warm-up. ``cosine-restarts``
+        restarts three times over the run; ``step`` divides the LR by 10 at 1/3 and 2/3.
+    warmup_epochs : float
+        Linear warm-up length in epochs (fractions allowed; capped at a quarter of the run).
+    img_size : int, optional
+        Input size; default the architecture's own.
+    head : {"flat", "factored"}
+        ``factored``: one block of logits per factor (needs a factored label space).
+    loss : {"ce", "focal", "label-smoothing", "f1", "mix"}
+    loss_weights : dict or str, optional
+        For ``mix``: ``{"ce": 0.3, "f1": 0.7}`` or ``"ce=0.3,f1=0.7"``.
+    focal_gamma, smoothing : float
+        Focal-loss gamma; label-smoothing factor.
+    augment : {"auto", "standard", "light", "none"}
+        ``standard``: random-resized-crop (scale 0.35-1), horizontal flip, mild colour
+        jitter (photos, faces). ``light``: small random-resized-crop (scale 0.7-1) and a
+        small rotation, no flip (digits, text: flipping changes the class). ``none``: the
+        eval transform. ``auto``: ``light`` for the ``digits`` source, else ``standard``.
+    amp : bool
+        Mixed precision on CUDA (bf16 when supported, else fp16 with a GradScaler); ignored
+        on the CPU with a note.
+    seed : int
+        Seeds the split, model init, shuffling and augmentation.
+    workers : int
+        DataLoader worker processes.
+    pretrained : bool
+        Start from timm's pretrained weights (needs hub access, or ``pretrained_path``).
+    pretrained_path : str, optional
+        Local backbone weights (a timm ``.safetensors``/``.pth`` file) instead of a download.
+    monitor : {"f1", "acc", "loss"}
+        Validation metric that picks the best epoch (macro-F1 by default).
+    patience : int, optional
+        Stop a fold after this many epochs without improvement; ``None`` never stops early.
+    device : str, optional
+        ``"cuda"``, ``"cuda:1"``, ``"cpu"``; default CUDA when available.
+    target : {"mask", "gender", "age"}, optional
+        Train a per-factor model predicting one factor of a factored label space.
+    deterministic : bool
+        ``torch.use_deterministic_algorithms(True)`` for the run (restored afterwards).
+    channels_last : bool
+        Use channels-last memory format (faster on recent GPUs).
+    min_lr : float
+        Floor of the cosine schedules, as a fraction of ``lr``.
+
+    Examples
+    --------
+    >>> cfg = TrainConfig(arch="resnet18", k=5, epochs=3, loss="mix", loss_weights="ce=0.3,f1=0.7")
+    >>> cfg.loss_weights
+    {'ce': 0.3, 'f1': 0.7}
+    """
+
+    arch: str
+    k: int = 5
+    folds: list[int] | None = None
+    family: str | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
+    img_size: int | None = None
+    head: str = "flat"
+    loss: str = "ce"
+    loss_weights: dict[str, float] | None = None
+    focal_gamma: float = 2.0
+    smoothing: float = 0.1
+    augment: str = "auto"
+    amp: bool = False
+    seed: int = 0
+    workers: int = 2
+    pretrained: bool = True
+    pretrained_path: str | None = None
+    monitor: str = "f1"
+    patience: int | None = 5
+    device: str | None = None
+    target: str | None = None
+    deterministic: bool = False
+    channels_last: bool = False
+    min_lr: float = 0.01
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise :class:`EnsemblerError` naming the flag."""
+        if not isinstance(self.arch, str) or not self.arch:
+            raise EnsemblerError("--arch is required (a timm architecture name, e.g. resnet18)")
+        _check_int(self.k, "--k", 2)
+        if self.folds is not None:
+            folds = [int(f) for f in self.folds]
+            if not folds:
+                raise EnsemblerError("--folds is empty; give fold numbers like 0,3")
+            bad = [f for f in folds if not 0 <= f < self.k]
+            if bad:
+                raise EnsemblerError(f"--folds {bad} out of range 0..{self.k - 1} for --k {self.k}")
+            if len(set(folds)) != len(folds):
+                raise EnsemblerError(f"--folds lists a fold twice: {folds}")
+            self.folds = sorted(folds)
+        if self.family is not None and (not self.family or "/" in self.family or self.family.startswith(".")):
+            raise EnsemblerError(f"--family must be a plain folder name, got {self.family!r}")
+        _check_int(self.epochs, "--epochs", 1)
+        _check_int(self.batch_size, "--batch-size", 1)
+        _check_int(self.workers, "--workers", 0)
+        if not self.lr > 0:
+            raise EnsemblerError(f"--lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise EnsemblerError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not self.warmup_epochs >= 0:
+            raise EnsemblerError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.min_lr <= 1:
+            raise EnsemblerError(f"min_lr is a fraction of --lr in [0, 1], got {self.min_lr}")
+        _check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        _check_choice(self.scheduler, SCHEDULERS, "--scheduler")
+        _check_choice(self.head, HEADS, "--head")
+        _check_choice(self.loss, LOSS_NAMES, "--loss")
+        _check_choice(self.monitor, MONITORS, "--monitor")
+        _check_choice(self.augment, AUGMENTS, "--augment")
+        if self.target is not None:
+            _check_choice(self.target, TARGETS, "--target")
+            if self.head == "factored":
+                raise EnsemblerError("--target trains a one-factor model: use --head flat with --target")
+        if self.pretrained_path is not None:
+            self.pretrained_path = str(self.pretrained_path)
+            if not os.path.isfile(self.pretrained_path):
+                raise EnsemblerError(f"--pretrained-path {self.pretrained_path}: no such file")
+        if self.img_size is not None:
+            _check_int(self.img_size, "--img-size", 8)
+        if self.patience is not None:
+            _check_int(self.patience, "--patience", 1)
+        self.loss_weights = parse_loss_weights(self.loss_weights) or None
+        if self.loss == "mix" and not self.loss_weights:
+            raise EnsemblerError("--loss mix needs --loss-weights, e.g. ce=0.3,f1=0.7")
+        if self.loss != "mix" and self.loss_weights:
+            raise EnsemblerError(f"--loss-weights only applies to --loss mix (got --loss {self.loss})")
+        if not self.focal_gamma >= 0:
+            raise EnsemblerError(f"--focal-gamma must be >= 0, got {self.focal_gamma}")
+        if not 0 <= self.smoothing < 1:
+            raise EnsemblerError(f"--smoothing must be in [0, 1), got {self.smoothing}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what the registry stores as ``train_config``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def default_family(self) -> str:
+        """``<arch>-<head>[-<target>]`` (the registry makes it unique)."""
+        name = f"{self.arch}-{self.head}"
+        return f"{name}-{self.target}" if self.target else name
+
+
+def _check_int(value, flag: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EnsemblerError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(value, choices, flag: str) -> None:
+    if value not in choices:
+        raise EnsemblerError(f"{flag} must be one of {list(choices)}, got {value!r}")

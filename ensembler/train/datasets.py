@@ -1,0 +1,117 @@
+"""Torch datasets and transforms for training and validation.
+
+Both yield ``(uint8 image (3, H, W), int target)``; normalisation (the Preprocess's mean and
+std) happens on the device in the loop, as in the inference engine. Images are decoded with
+:func:`ensembler.data.decode_image`: a corrupt file raises :class:`ImageDecodeError` naming
+it, never skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import EnsemblerError
+from ..preprocess import Preprocess
+
+AUGMENT_LEVELS = ("standard", "light", "none")
+
+
+def resolve_augment(augment: str, source_kind: str | None) -> str:
+    """``auto`` -> ``light`` for digits (flips change a digit's meaning), else ``standard``."""
+    if augment == "auto":
+        return "light" if source_kind == "digits" else "standard"
+    if augment not in AUGMENT_LEVELS:
+        raise EnsemblerError(f"--augment must be one of auto, {', '.join(AUGMENT_LEVELS)}; got {augment!r}")
+    return augment
+
+
+def train_transform(pre: Preprocess, augment: str):
+    """PIL RGB -> augmented uint8 tensor of the Preprocess's input size.
+
+    ``standard`` (photos, faces): RandomResizedCrop(scale 0.35-1, ratio 3/4-4/3), horizontal
+    flip, colour jitter 0.2. ``light`` (digits, text, anything where a mirror image is another
+    class): RandomResizedCrop(scale 0.7-1, ratio 0.9-1.1) and rotation up to 10 degrees, no
+    flip. ``none``: the eval transform (resize + centre crop). Random draws use torch's RNG,
+    so seeding torch (and the loader's generator) makes augmentation reproducible.
+    """
+    from torchvision.transforms import v2 as T
+
+    if augment == "none":
+        return pre.geometry_transform()
+    interp = getattr(T.InterpolationMode, pre.interpolation.upper())
+    if augment == "standard":
+        ops = [
+            T.PILToTensor(),
+            T.RandomResizedCrop(pre.input_size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), interpolation=interp,
+                                antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        ]
+    elif augment == "light":
+        ops = [
+            T.PILToTensor(),
+            T.RandomResizedCrop(pre.input_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), interpolation=interp,
+                                antialias=True),
+            T.RandomRotation(10, interpolation=T.InterpolationMode.BILINEAR),
+        ]
+    else:
+        raise EnsemblerError(f"unknown augmentation {augment!r}; choose one of {list(AUGMENT_LEVELS)}")
+    return T.Compose(ops + [T.ToDtype(torch.uint8)])
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images at ``paths`` with integer ``targets``, through ``transform``.
+
+    Examples
+    --------
+    >>> ds = ImageDataset(table.paths, labels, Preprocess().geometry_transform())  # doctest: +SKIP
+    >>> image, target = ds[0]  # doctest: +SKIP
+    """
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform):
+        if len(paths) != len(targets):
+            raise EnsemblerError(f"{len(paths)} image paths but {len(targets)} targets")
+        self.paths = [str(p) for p in paths]
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from ..data import decode_image
+
+        image = self.transform(decode_image(self.paths[i]))
+        return image, int(self.targets[i])
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed python and numpy from the worker's torch seed.
+
+    torch seeds each worker from the loader's generator; python's ``random`` and numpy are
+    seeded here so any augmentation that uses them is reproducible too.
+    """
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset, *, batch_size: int, shuffle: bool, workers: int, generator=None,
+                drop_last: bool = False, pin_memory: bool = False):
+    """A DataLoader with reproducible shuffling and worker seeding."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=generator,
+        worker_init_fn=seed_worker if workers > 0 else None,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -1,0 +1,185 @@
+"""Builds what one fold needs (model, loaders, optimiser, schedule, AMP) and registers its result.
+
+Kept apart from :mod:`.loop` (which trains any module on any loaders) and :mod:`.folds`
+(which iterates over folds and assembles OOF logits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import save_npz_atomic, write_json_atomic
+from ..errors import EnsemblerError
+from ..labels import LabelSpace
+from ..preprocess import Preprocess
+from .config import TrainConfig
+from .datasets import ImageDataset, make_loader, resolve_augment, train_transform
+from .loop import Callbacks, LoopSettings, run_fold
+from .losses import TrainLoss
+from .optim import build_optimizer, build_scheduler
+from .state import STATE_NAME, seed_everything
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU; an unavailable CUDA device is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EnsemblerError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EnsemblerError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_amp(amp: bool, device: torch.device) -> tuple[torch.dtype | None, bool, str | None]:
+    """(autocast dtype, use GradScaler, note). bf16 where the GPU supports it, else fp16 + scaler."""
+    if not amp:
+        return None, False, None
+    if device.type != "cuda":
+        return None, False, "--amp is ignored on the CPU (mixed precision is a CUDA speed-up here)"
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False, None
+    return torch.float16, True, None
+
+
+class FoldRunner:
+    """Trains and registers single folds of one family (see :func:`ensembler.train.train_folds`)."""
+
+    def __init__(self, *, split, targets: np.ndarray, label_space: LabelSpace, config: TrainConfig, registry,
+                 family: str, resume: bool):
+        self.split = split
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.label_space = label_space
+        self.config = config
+        self.registry = registry
+        self.family = family
+        self.fam_dir = Path(registry.family_dir(family))
+        self.resume = resume
+        self.device = resolve_device(config.device)
+        self.amp_dtype, use_scaler, amp_note = resolve_amp(config.amp, self.device)
+        self.use_scaler = use_scaler
+        self.notes: list[str] = [amp_note] if amp_note else []
+        self.preprocess = Preprocess.from_timm(config.arch, config.img_size)
+        self.augment = resolve_augment(config.augment, split.source.get("kind"))
+        if self.device.type == "cuda" and config.deterministic:
+            # cuBLAS needs this to be deterministic; set only for this process, only when asked.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    # ------------------------------------------------------------------ helpers
+    def fold_seed(self, fold: int) -> int:
+        return int(self.config.seed) * 1000 + int(fold)
+
+    def _finished_entry(self, fold: int):
+        entries = []
+        try:
+            entries = [e for e in self.registry.family(self.family) if e.fold == fold]
+        except Exception:  # noqa: BLE001 - family not registered yet
+            pass
+        done = entries and (self.fam_dir / f"fold{fold}" / "val_logits.npz").is_file()
+        return entries[0] if done else None
+
+    def _model(self):
+        from ..models import create_model
+
+        kwargs = {}
+        if self.preprocess.fixed_input_size:
+            kwargs["img_size"] = self.preprocess.input_size  # ViT/Swin take the size at construction
+        return create_model(self.config.arch, label_space=self.label_space, head=self.config.head,
+                            pretrained=self.config.pretrained, pretrained_path=self.config.pretrained_path,
+                            **kwargs)
+
+    # ------------------------------------------------------------------ one fold
+    def run(self, fold: int, callbacks: Callbacks | None = None):
+        from .folds import FoldSummary
+
+        cfg = self.config
+        folds = self.split.folds
+        train_idx = np.flatnonzero(folds != fold)
+        val_idx = np.flatnonzero(folds == fold)
+        fold_dir = self.fam_dir / f"fold{fold}"
+        state_path = fold_dir / STATE_NAME
+
+        entry = self._finished_entry(fold) if self.resume else None
+        if entry is not None:
+            hist = json.loads((fold_dir / "history.json").read_text()) if (fold_dir / "history.json").is_file() else {}
+            m = entry.metrics or {}
+            if callbacks is not None and hasattr(callbacks, "note"):
+                callbacks.note(f"fold {fold}: finished earlier ({entry.id}), skipped")
+            return FoldSummary(fold, entry.id, int(m.get("best_epoch", 0)), float(m.get("val_f1", np.nan)),
+                               float(m.get("val_acc", np.nan)), float(m.get("val_loss", np.nan)),
+                               len(hist.get("history", [])), bool(hist.get("stopped_early", False)),
+                               train_idx, val_idx, skipped=True)
+
+        seed_everything(self.fold_seed(fold))
+        model = self._model().to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+
+        paths = self.split.paths
+        train_ds = ImageDataset(paths[train_idx], self.targets[train_idx], train_transform(self.preprocess, self.augment))
+        val_ds = ImageDataset(paths[val_idx], self.targets[val_idx], self.preprocess.geometry_transform())
+        generator = torch.Generator()
+        pin = self.device.type == "cuda"
+        train_loader = make_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, workers=cfg.workers,
+                                   generator=generator, drop_last=len(train_ds) > cfg.batch_size, pin_memory=pin)
+        val_loader = make_loader(val_ds, batch_size=cfg.batch_size, shuffle=False, workers=cfg.workers,
+                                 pin_memory=pin)
+
+        optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+        scheduler = None
+        if cfg.scheduler != "none" or cfg.warmup_epochs > 0:
+            scheduler = build_scheduler(optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=len(train_loader),
+                                        warmup_epochs=cfg.warmup_epochs, min_factor=cfg.min_lr)
+        scaler = torch.amp.GradScaler("cuda") if self.use_scaler else None
+        factor_sizes = self.label_space.factor_sizes if cfg.head == "factored" else None
+        loss_fn = TrainLoss(cfg.loss, factor_sizes=factor_sizes, weights=cfg.loss_weights,
+                            gamma=cfg.focal_gamma, smoothing=cfg.smoothing)
+
+        from ..models import joint_logits
+
+        head, space = cfg.head, self.label_space
+        settings = LoopSettings(
+            epochs=cfg.epochs, num_classes=space.num_classes, monitor=cfg.monitor, patience=cfg.patience,
+            amp_dtype=self.amp_dtype, channels_last=cfg.channels_last, loader_seed=self.fold_seed(fold) * 10007,
+            state_path=state_path, resume=self.resume, state_extra={"fold": int(fold), "config": cfg.to_dict()},
+        )
+        if state_path.exists() and not self.resume:
+            # A fresh run never silently continues (or overwrites) someone's interrupted fold.
+            raise EnsemblerError(f"{state_path} exists from an interrupted run: pass --resume to continue it")
+        outcome = run_fold(
+            model, train_loader, val_loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+            scaler=scaler, settings=settings, device=self.device, normalize=self.preprocess.normalize,
+            to_logits=lambda out: joint_logits(out, head, space), train_generator=generator, callbacks=callbacks,
+        )
+        best = outcome.best_record
+
+        # Order matters for crash safety: logits first, then the registry entry (what marks
+        # the fold finished), then the history, then the resume state goes.
+        save_npz_atomic(fold_dir / "val_logits.npz", ids=self.split.ids[val_idx].astype(str),
+                        logits=outcome.best_val_logits.astype(np.float32), labels=self.targets[val_idx],
+                        best_epoch=np.int64(outcome.best_epoch))
+        metrics = {"val_f1": best.val_f1, "val_acc": best.val_acc, "val_loss": best.val_loss,
+                   "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
+                   "monitor": cfg.monitor, "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx))}
+        entry = self.registry.add(
+            outcome.best_weights, family=self.family, fold=int(fold), arch=cfg.arch, head=cfg.head,
+            label_space=self.label_space, preprocess=self.preprocess, metrics=metrics, target=cfg.target,
+            train_config=cfg.to_dict(), overwrite=self.resume,
+        )
+        write_json_atomic(fold_dir / "history.json", {
+            "fold": int(fold), "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early,
+            "history": [r.to_dict() for r in outcome.history],
+        })
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state_path.unlink(missing_ok=True)
+        return FoldSummary(fold, entry.id, outcome.best_epoch, best.val_f1, best.val_acc, best.val_loss,
+                           len(outcome.history), outcome.stopped_early, train_idx, val_idx)

@@ -1,0 +1,379 @@
+"""k-fold training of one model family: split, train each fold, register, assemble OOF logits.
+
+Files of a family ``F`` under the registry root::
+
+    F/run.json                 the TrainConfig, split facts and data fingerprint (checked by resume)
+    F/fold<k>/state.pt         resume state while fold k trains (see ensembler.train.state)
+    F/fold<k>/val_logits.npz   ids, logits (joint), labels of fold k's validation rows, best epoch
+    F/fold<k>/history.json     per-epoch metrics of fold k
+    F/fold<k>/weights.safetensors   (written by Registry.add)
+    F/oof.npz, F/oof.json      out-of-fold logits of the family + metadata
+    F/metrics.csv, F/learning_curves.png
+
+A fold is *finished* when its checkpoint is registered and its ``val_logits.npz`` exists;
+``resume=True`` skips finished folds and continues an unfinished one from ``state.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._io import save_npz_atomic, sha256_bytes, write_json_atomic
+from ..errors import DataError, EnsemblerError, LogitError
+from ..labels import LabelSpace
+from ..metrics import accuracy, macro_f1
+from .config import RESUME_KEYS, TrainConfig
+from .curves import plot_learning_curves, write_metrics_csv
+from .loop import EpochRecord
+
+
+@dataclass
+class FoldSummary:
+    """One trained (or previously finished) fold."""
+
+    fold: int
+    entry_id: str
+    best_epoch: int
+    val_f1: float
+    val_acc: float
+    val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    train_index: np.ndarray  # row positions (in the split table) the fold trained on
+    val_index: np.ndarray    # row positions it validated on (its OOF rows)
+    skipped: bool = False    # finished by an earlier run (resume)
+
+
+@dataclass
+class FamilyResult:
+    """What :func:`train_folds` leaves behind."""
+
+    family: str
+    folds: list[FoldSummary]
+    oof_path: Path
+    oof_f1: float
+    oof_acc: float
+    oof_complete: bool       # every training id is covered (all k folds trained)
+    oof_rows: int
+    total_rows: int
+    metrics_csv: Path
+    curves_png: Path
+    table: Any               # the split SampleTable (with its ``fold`` column)
+    label_space: LabelSpace
+    config: TrainConfig
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- targets
+def training_targets(table, target: str | None) -> tuple[LabelSpace, np.ndarray]:
+    """The model's LabelSpace and per-row integer targets.
+
+    ``target=None``: the table's space and labels. ``target="age"`` (etc.): the factor's flat
+    space and each row's index in that factor.
+    """
+    labels = table.labels
+    space = table.label_space
+    if target is None:
+        return space, labels
+    if not space.is_factored:
+        raise DataError(
+            f"--target {target} needs a factored label space (e.g. the mask data), but {table.describe()} "
+            f"has {space.num_classes} plain classes; drop --target"
+        )
+    names = [f.name for f in space.factors]
+    if target not in names:
+        raise DataError(f"--target {target}: {table.describe()} has factors {names}")
+    idx = names.index(target)
+    return space.factor_space(target), np.asarray(space.factor_indices(labels)[idx], dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------- family naming
+def _family_root(registry) -> Path:
+    return Path(registry.root)
+
+
+def _existing_families(registry) -> set[str]:
+    names = set()
+    try:
+        names.update(registry.families())
+    except Exception:  # noqa: BLE001 - an empty registry may have no index yet
+        pass
+    root = _family_root(registry)
+    if root.is_dir():
+        names.update(p.name for p in root.iterdir() if p.is_dir())
+    return names
+
+
+def resolve_family(registry, config: TrainConfig, resume: bool) -> str:
+    """The family name: ``config.family``, else ``<arch>-<head>[-<target>]`` made unique.
+
+    With ``resume`` and no explicit family, the newest family of that default name with a
+    ``run.json`` is continued.
+    """
+    existing = _existing_families(registry)
+    if config.family:
+        if config.family in existing and not resume:
+            raise EnsemblerError(
+                f"family {config.family!r} already exists in the registry: pass --resume to continue it, "
+                f"or choose another --family"
+            )
+        return config.family
+    base = config.default_family()
+    pattern = re.compile(rf"^{re.escape(base)}(?:-(\d+))?$")
+    taken = {name: int(m.group(1) or 1) for name in existing if (m := pattern.match(name))}
+    if resume:
+        runs = [n for n in taken if (Path(registry.family_dir(n)) / "run.json").is_file()]
+        if not runs:
+            raise EnsemblerError(f"--resume: no interrupted run of family {base!r} (or {base}-N) to continue; "
+                                 f"name it with --family")
+        return max(runs, key=lambda n: taken[n])
+    if base not in taken:
+        return base
+    return f"{base}-{max(taken.values()) + 1}"
+
+
+# ---------------------------------------------------------------------------- run.json
+def _split_digest(table) -> str:
+    rows = "\n".join(f"{i}\t{f}" for i, f in zip(table.ids, table.folds))
+    return sha256_bytes(rows.encode("utf-8"))
+
+
+def _check_or_write_run(path: Path, config: TrainConfig, table, label_space: LabelSpace, resume: bool) -> None:
+    record = {
+        "config": config.to_dict(),
+        "label_space": label_space.to_dict(),
+        "rows": len(table),
+        "split_digest": _split_digest(table),
+        "source": {k: v for k, v in table.source.items() if isinstance(v, (str, int, float, list, dict))},
+    }
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        diffs = [k for k in RESUME_KEYS if old["config"].get(k) != record["config"].get(k)]
+        if diffs:
+            shown = ", ".join(f"{k}: {old['config'].get(k)!r} -> {record['config'].get(k)!r}" for k in diffs)
+            raise EnsemblerError(f"--resume of {path.parent.name}: the run was started with other settings ({shown})")
+        if old.get("split_digest") != record["split_digest"]:
+            raise EnsemblerError(
+                f"--resume of {path.parent.name}: the data or its fold split changed since the run started "
+                f"({old.get('rows')} -> {record['rows']} rows); start a new family"
+            )
+        record["config"] = {**old["config"], **{k: record["config"][k] for k in ("epochs", "patience", "folds")}}
+    write_json_atomic(path, record)
+
+
+# ---------------------------------------------------------------------------- main entry
+def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, resume: bool = False,
+                console=None) -> FamilyResult:
+    """Train ``config.arch`` on the folds of ``table``; register each fold; write OOF logits.
+
+    Parameters
+    ----------
+    table : SampleTable
+        Labeled training data. It is split with ``split_folds(table, config.k, config.seed)``
+        (person-grouped, stratified); an existing ``fold`` column is replaced.
+    config : TrainConfig
+    registry : Registry
+    progress : bool
+        Show a rich progress bar and per-epoch lines (``False`` in tests and scripts).
+    resume : bool
+        Continue the family's interrupted run: finished folds are skipped, an unfinished fold
+        continues from its last saved epoch.
+    console : rich Console, optional
+        Where progress goes (default stderr).
+
+    Returns
+    -------
+    FamilyResult
+
+    Examples
+    --------
+    >>> from ensembler.data import load_source
+    >>> from ensembler.registry import Registry
+    >>> table = load_source("digits")  # doctest: +SKIP
+    >>> cfg = TrainConfig(arch="resnet18", k=5, epochs=5, img_size=32, pretrained=False)
+    >>> result = train_folds(table, cfg, Registry("checkpoints"))  # doctest: +SKIP
+    >>> result.oof_f1  # doctest: +SKIP
+    """
+    import torch
+
+    from ..data import split_folds
+
+    config.validate()
+    label_space, targets = training_targets(table, config.target)
+    from ..models import check_arch, head_num_outputs
+
+    check_arch(config.arch)
+    head_num_outputs(label_space, config.head)  # a factored head on a flat space fails here, named
+    split = split_folds(table, config.k, config.seed)
+    family = resolve_family(registry, config, resume)
+    fam_dir = Path(registry.family_dir(family))
+    run_fold_ids = config.folds if config.folds is not None else list(range(config.k))
+    _check_or_write_run(fam_dir / "run.json", config, split, label_space, resume)
+
+    from .fold_runner import FoldRunner
+
+    runner = FoldRunner(split=split, targets=targets, label_space=label_space, config=config,
+                        registry=registry, family=family, resume=resume)
+    reporter = None
+    if progress:
+        from .progress import RichProgress
+
+        reporter = RichProgress(console=console, total_folds=len(run_fold_ids))
+    previous_det = torch.are_deterministic_algorithms_enabled()
+    summaries: list[FoldSummary] = []
+    try:
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if reporter is not None:
+            reporter.__enter__()
+            for note in runner.notes:
+                reporter.note(f"[yellow]note:[/] {note}")
+        for number, fold in enumerate(run_fold_ids, 1):
+            if reporter is not None:
+                reporter.set_fold(fold, number)
+            summaries.append(runner.run(fold, callbacks=reporter))
+            _write_curves(fam_dir, config)
+    finally:
+        if reporter is not None:
+            reporter.__exit__(None, None, None)
+        torch.use_deterministic_algorithms(previous_det)
+
+    oof = assemble_oof(split, targets, label_space, fam_dir, config.k, family=family)
+    for entry in _family_entries(registry, family):
+        registry.update(entry.id, oof=f"{family}/oof.npz")
+    metrics_csv, curves_png = _write_curves(fam_dir, config)
+    notes = list(runner.notes)
+    if not oof["complete"]:
+        notes.append(
+            f"OOF is partial: folds {oof['folds']} of {config.k} are trained, covering {oof['rows']} of "
+            f"{len(split)} training rows; train the rest with --folds and --resume --family {family}"
+        )
+    return FamilyResult(
+        family=family, folds=summaries, oof_path=fam_dir / "oof.npz", oof_f1=oof["f1"], oof_acc=oof["acc"],
+        oof_complete=oof["complete"], oof_rows=oof["rows"], total_rows=len(split), metrics_csv=metrics_csv,
+        curves_png=curves_png, table=split, label_space=label_space, config=config, notes=notes,
+    )
+
+
+def _family_entries(registry, family: str) -> list:
+    try:
+        return list(registry.family(family))
+    except Exception:  # noqa: BLE001 - unknown family
+        return []
+
+
+def _fold_dirs(fam_dir: Path) -> dict[int, Path]:
+    out = {}
+    if fam_dir.is_dir():
+        for p in fam_dir.iterdir():
+            m = re.fullmatch(r"fold(\d+)", p.name)
+            if m and p.is_dir():
+                out[int(m.group(1))] = p
+    return out
+
+
+def load_histories(fam_dir: Path) -> tuple[dict[int, list[dict]], dict[int, int]]:
+    """Per-fold epoch histories and best epochs, from finished folds' ``history.json`` and
+    unfinished folds' ``state.pt``."""
+    from .state import STATE_NAME, load_state
+
+    histories, best = {}, {}
+    for fold, d in sorted(_fold_dirs(fam_dir).items()):
+        if (d / "history.json").is_file():
+            rec = json.loads((d / "history.json").read_text())
+            histories[fold], best[fold] = rec["history"], rec["best_epoch"]
+        elif (d / STATE_NAME).is_file():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    st = load_state(d / STATE_NAME)
+                except EnsemblerError:
+                    continue
+            histories[fold], best[fold] = st["history"], int(st["best_epoch"])
+    return histories, best
+
+
+def _write_curves(fam_dir: Path, config: TrainConfig) -> tuple[Path, Path]:
+    histories, best = load_histories(fam_dir)
+    csv = write_metrics_csv(fam_dir / "metrics.csv", histories)
+    png = plot_learning_curves(fam_dir / "learning_curves.png", histories, best, monitor=config.monitor,
+                               title=f"{fam_dir.name} ({config.arch}, {config.head} head)")
+    return csv, png
+
+
+# ---------------------------------------------------------------------------- OOF
+def assemble_oof(split, targets: np.ndarray, label_space: LabelSpace, fam_dir: Path, k: int,
+                 family: str | None = None) -> dict[str, Any]:
+    """Concatenate the folds' validation logits into ``oof.npz`` aligned to ``split``'s row order.
+
+    Checks that each fold's logits cover exactly that fold's validation ids, and that every
+    id appears once. With all ``k`` folds present the OOF covers every training row; with
+    fewer it is written for the covered rows and marked partial in ``oof.json``.
+
+    Returns a dict with ``f1``, ``acc``, ``rows``, ``complete``, ``folds``.
+    """
+    ids_all = split.ids
+    folds_all = split.folds
+    position = {i: n for n, i in enumerate(ids_all)}
+    done: dict[int, dict] = {}
+    for fold, d in sorted(_fold_dirs(fam_dir).items()):
+        f = d / "val_logits.npz"
+        if f.is_file():
+            with np.load(f, allow_pickle=False) as z:
+                done[fold] = {key: z[key] for key in z.files}
+    if not done:
+        raise EnsemblerError(f"no finished fold in {fam_dir}: nothing to assemble into OOF logits")
+    num_classes = label_space.num_classes
+    logits = np.full((len(ids_all), num_classes), np.nan, dtype=np.float32)
+    seen = np.zeros(len(ids_all), dtype=np.int64)
+    for fold, z in done.items():
+        expected = set(ids_all[folds_all == fold].tolist())
+        got = z["ids"].astype(str)
+        if set(got.tolist()) != expected or len(got) != len(expected):
+            raise LogitError(
+                f"{fam_dir / f'fold{fold}' / 'val_logits.npz'} does not hold exactly fold {fold}'s validation ids "
+                f"({len(got)} ids vs {len(expected)} expected): the data or split changed; retrain that fold"
+            )
+        if z["logits"].shape != (len(got), num_classes):
+            raise LogitError(f"fold {fold} logits have shape {z['logits'].shape}, expected ({len(got)}, {num_classes})")
+        if not np.isfinite(z["logits"]).all():
+            raise LogitError(f"fold {fold} validation logits contain NaN/inf ({fam_dir / f'fold{fold}'})")
+        pos = np.fromiter((position[i] for i in got), dtype=np.int64, count=len(got))
+        logits[pos] = z["logits"]
+        seen[pos] += 1
+    if (seen > 1).any():
+        raise LogitError(f"id {ids_all[int(np.argmax(seen > 1))]!r} appears in two folds' validation logits")
+    covered = seen == 1
+    complete = bool(covered.all()) and len(done) == k
+    ids = ids_all[covered]
+    out_logits = logits[covered]
+    labels = np.asarray(targets, dtype=np.int64)[covered]
+    out_folds = folds_all[covered].astype(np.int64)
+    if complete and not (len(ids) == len(ids_all) and len(set(ids.tolist())) == len(ids_all)):
+        raise LogitError("OOF check failed: not every training id is covered exactly once")
+    save_npz_atomic(fam_dir / "oof.npz", ids=ids.astype(str), logits=out_logits, labels=labels, folds=out_folds)
+    pred = out_logits.argmax(1)
+    f1 = macro_f1(labels, pred, num_classes)
+    acc = accuracy(labels, pred)
+    write_json_atomic(fam_dir / "oof.json", {
+        "producer": family or fam_dir.name,
+        "complete": complete,
+        "folds": sorted(done),
+        "k": k,
+        "rows": int(covered.sum()),
+        "total_rows": len(ids_all),
+        "num_classes": num_classes,
+        "label_space": label_space.to_dict(),
+        "logits": "joint logits (raw for flat heads, joint log-probs for factored heads)",
+        "macro_f1": f1,
+        "accuracy": acc,
+    })
+    return {"f1": f1, "acc": acc, "rows": int(covered.sum()), "complete": complete, "folds": sorted(done)}
