@@ -193,6 +193,15 @@ def create_model(arch: str, *, label_space, head: str = "flat", pretrained: bool
         state_dict = load_outside_state_dict(pretrained_path, use_ema=pretrained_use_ema)
         overlay = dict(timm_kwargs.pop("pretrained_cfg_overlay", None) or {})
         overlay["state_dict"] = state_dict
+        # timm keeps the file's classifier only when the cfg's num_classes equals ours; the cfg
+        # describes timm's hub weights, so tell it how many classes *this* file's classifier has.
+        cfg = timm.get_pretrained_cfg(arch)
+        classifiers = getattr(cfg, "classifier", None) if cfg is not None else None
+        for name in ([classifiers] if isinstance(classifiers, str) else list(classifiers or ())):
+            weight = state_dict.get(f"{name}.weight")
+            if weight is not None and weight.ndim >= 1:
+                overlay.setdefault("num_classes", int(weight.shape[0]))
+                break
         try:
             return timm.create_model(arch, pretrained=True, num_classes=num_outputs,
                                      pretrained_cfg_overlay=overlay, **timm_kwargs)
