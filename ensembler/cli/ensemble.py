@@ -1,7 +1,121 @@
-"""`ensembler` commands of this group (see ensembler/cli/__init__.py)."""
+"""`ensembler tune-weights`: tune an ensemble on OOF logits, print the evidence, write a Recipe.
+
+Parsing and printing only; the work is :func:`ensembler.ensemble.load_members` and
+:func:`ensembler.ensemble.tune_weights`.
+"""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+from ..errors import EnsemblerError
+from ._common import add_registry_arg, console, err_console
+
 
 def register(sub) -> None:
-    """Add this group's commands to the top-level parser (none yet)."""
+    """Add ``tune-weights`` to the top-level parser."""
+    p = sub.add_parser(
+        "tune-weights",
+        help="fit temperatures, weights and class biases on OOF logits; write a recipe",
+        description="Tune ensemble weights on out-of-fold logits (Caruana selection or scipy on the simplex), "
+        "optionally with per-member temperatures and per-class biases; print every member, the hard vote, the "
+        "uniform soft vote and the tuned blend in-sample and honestly (each fold held out of the tuning), "
+        "and write the recipe JSON that `ensembler predict --recipe` applies.",
+    )
+    p.add_argument("--members", default=None, metavar="all|NAMES",
+                   help="comma-separated registry families/checkpoint ids/OOF file stems; 'a+b+c' composes "
+                        "per-factor members into the joint space (default: the --oof files, else all families)")
+    add_registry_arg(p)
+    p.add_argument("--oof", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="raw OOF .npz files (ids, logits, labels, folds), each a member named by its file stem")
+    p.add_argument("--method", choices=("caruana", "scipy"), default="caruana",
+                   help="caruana: greedy selection with replacement; scipy: simplex weights minimising log-loss")
+    p.add_argument("--metric", choices=("f1", "acc", "logloss"), default="f1",
+                   help="metric Caruana selects for, class biases maximise and the honest score reports")
+    p.add_argument("--rounds", type=int, default=50, help="Caruana rounds (default 50)")
+    p.add_argument("--temperature", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit one temperature per member before blending (default on)")
+    p.add_argument("--class-bias", action="store_true", help="tune per-class biases on the blend for macro-F1")
+    p.add_argument("--no-honest", dest="honest", action="store_false",
+                   help="skip the nested-CV honest score (faster; the table then shows in-sample only)")
+    p.add_argument("--out", default="recipe.json", metavar="FILE", help="recipe JSON to write (default recipe.json)")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="folder for weights.png and per_class_f1.png (default: <out stem>_plots next to the recipe)")
+    p.add_argument("--no-plots", dest="make_plots", action="store_false", help="do not write PNG charts")
+    p.set_defaults(func=tune_weights_command)
+
+
+def _fmt(x, digits=4):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def tune_weights_command(args) -> int:
+    from ..ensemble import load_members, tune_weights
+
+    if args.class_bias and args.metric == "logloss":
+        raise EnsemblerError("--class-bias tunes decisions for --metric f1 or acc, not logloss")
+    if args.rounds < 1:
+        raise EnsemblerError(f"--rounds must be at least 1, got {args.rounds}")
+    out = Path(args.out)
+    members = load_members(args.members, registry=args.registry, oof_files=args.oof)
+    status = err_console().status("tuning...")
+    with status:
+        try:
+            result = tune_weights(members, method=args.method, metric=args.metric, rounds=args.rounds,
+                                  temperature=args.temperature, class_bias=args.class_bias, honest=args.honest,
+                                  progress=lambda msg: status.update(msg))
+        except ValueError as exc:
+            if isinstance(exc, EnsemblerError):
+                raise
+            raise EnsemblerError(str(exc)) from None
+    _print_table(result, args)
+    plot_paths = {}
+    if args.make_plots:
+        from ..ensemble.plots import write_tuning_plots
+
+        plot_dir = Path(args.plots) if args.plots else out.parent / f"{out.stem}_plots"
+        plot_paths = write_tuning_plots(result, plot_dir)
+    # The recipe goes last: a run that failed anywhere above leaves no recipe behind.
+    result.recipe.save(out)
+    con = console()
+    con.print(f"recipe: [bold]{out}[/] (hash {result.recipe.hash()[:12]})")
+    for name, path in plot_paths.items():
+        con.print(f"{name} chart: {path}")
+    return 0
+
+
+def _print_table(result, args) -> None:
+    from rich.table import Table
+
+    r = result.recipe
+    title = (f"tune-weights: {r.method}, metric {r.metric}, {len(r.members)} members, "
+             f"{r.scores.get('rows')} OOF rows" + (", temperatures" if args.temperature else "")
+             + (", class biases" if r.class_biases is not None else ""))
+    table = Table(title=title, title_justify="left")
+    for col, just in (("member / blend", "left"), ("F1", "right"), ("acc", "right"), ("logloss", "right"),
+                      ("weight", "right"), ("T", "right"), ("NLL→T", "right"), ("ECE→T", "right"),
+                      ("note", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "note" and col != "member / blend")
+    for row in result.rows:
+        style = {"tuned": "bold", "honest": "bold green"}.get(row["kind"])
+        nll = f"{_fmt(row['nll_before'], 3)}→{_fmt(row['nll_after'], 3)}" if row["nll_before"] is not None else ""
+        ece = f"{_fmt(row['ece_before'], 3)}→{_fmt(row['ece_after'], 3)}" if row["ece_before"] is not None else ""
+        note = row["note"] or ""
+        if row["tie_rate"] is not None:
+            note = f"ties {row['tie_rate']:.1%} → smallest class"
+        table.add_row(row["name"], _fmt(row["f1"]), _fmt(row["acc"]), _fmt(row["logloss"]),
+                      _fmt(row["weight"], 3) if row["weight"] is not None else "",
+                      _fmt(row["temperature"], 2) if row["temperature"] is not None else "", nll, ece, note,
+                      style=style)
+    con = console()
+    con.print(table)
+    if result.honest is not None:
+        folds = ", ".join(f"{k}: {v:.4f}" for k, v in result.honest["per_fold"].items())
+        con.print(f"honest {r.metric} per held-out fold: {folds} (mean {result.honest['mean']:.4f}); "
+                  f"in-sample {result.in_sample[r.metric]:.4f}")
+    if r.class_biases is not None:
+        con.print("class biases: " + ", ".join(f"{c}={b:+.1f}" for c, b in zip(r.classes, r.class_biases) if b))
+    t = result.timings
+    con.print(f"time: tuning {t['tune_s']:.2f} s, honest {t['honest_s']:.2f} s, baselines {t['baselines_s']:.2f} s",
+              style="dim")

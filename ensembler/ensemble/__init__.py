@@ -1,18 +1,64 @@
-"""Ensembling on logits: voting, temperature calibration, weight tuning, Recipes."""
+"""Ensembling on logits: voting, temperature calibration, weight tuning, Recipes.
+
+What ``predict`` needs::
+
+    from ensembler.ensemble import Recipe, vote
+    recipe = Recipe.load("recipe.json")
+    names = [m.name for m in recipe.active_members]          # run only these models
+    pred, probs = recipe.apply({name: logits_n_by_c, ...})    # temperatures, weights, biases
+    # or, without a recipe:
+    result = vote({name: logits, ...}, rule="hard")           # result.pred, .probs, .tie_rate
+"""
 
 from __future__ import annotations
 
 from .calibration import TemperatureFit, apply_temperature, calibrate, fit_temperature
+from .members import Member, align_members, compose_members, load_members, load_oof, registry_members
+from .recipe import RECIPE_VERSION, Recipe, RecipeError, RecipeMember
+from .tuning import (
+    METHODS,
+    METRICS,
+    BlendFit,
+    CaruanaResult,
+    TuneResult,
+    caruana_select,
+    fit_blend,
+    fit_class_biases,
+    member_probabilities,
+    scipy_weights,
+    tune_weights,
+)
 from .voting import VOTE_RULES, VoteResult, check_weights, stack_member_logits, vote
 
 __all__ = [
+    "METHODS",
+    "METRICS",
+    "RECIPE_VERSION",
     "VOTE_RULES",
+    "BlendFit",
+    "CaruanaResult",
+    "Member",
+    "Recipe",
+    "RecipeError",
+    "RecipeMember",
     "TemperatureFit",
+    "TuneResult",
     "VoteResult",
+    "align_members",
     "apply_temperature",
     "calibrate",
+    "caruana_select",
     "check_weights",
+    "compose_members",
+    "fit_blend",
+    "fit_class_biases",
     "fit_temperature",
+    "load_members",
+    "load_oof",
+    "member_probabilities",
+    "registry_members",
+    "scipy_weights",
     "stack_member_logits",
+    "tune_weights",
     "vote",
 ]

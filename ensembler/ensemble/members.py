@@ -1,0 +1,424 @@
+"""Ensemble members: OOF logits loaded, validated, aligned by id, composed from factor models.
+
+A :class:`Member` is one column of the ensemble: a registry family (its folds' OOF logits
+concatenated by the trainer), a single checkpoint, a raw ``.npz`` OOF file, or a
+*composed* member built from per-factor models (``mask_fam+gender_fam+age_fam``): the sum
+of each factor model's log-softmax in the parent LabelSpace's factor order, which is the
+joint log-probability a factored head would give (:func:`ensembler.labels.joint_from_factor_logprobs`).
+
+Every problem is a :class:`~ensembler.errors.LogitError` naming the file (and a few
+offending ids): not an npz, a missing array, NaN/inf, a wrong class count, ids or labels
+that disagree between members.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import EnsemblerError, LogitError
+from ..labels import LabelSpace, joint_from_factor_logprobs
+from ..metrics import log_softmax
+
+MEMBER_KINDS = ("family", "checkpoint", "composed", "file")
+OOF_ARRAYS = ("ids", "logits", "labels", "folds")
+COMPOSE_SEP = "+"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One ensemble member's OOF (or test) logits and where they came from.
+
+    Attributes
+    ----------
+    name : str
+        Family name, checkpoint id, file stem, or ``a+b+c`` for a composed member.
+    ids : ndarray (N,) of str
+    logits : ndarray (N, C)
+        Joint logits (or joint log-probs); a softmax gives the probabilities.
+    labels, folds : ndarray (N,) of int64, or None
+    label_space : LabelSpace or None
+        ``None`` for a raw ``.npz`` without one: then only the class count is checked.
+    kind : {"family", "checkpoint", "composed", "file"}
+    sha256 : tuple of str
+        sha256 of each weights file behind the member (fold order), when known.
+    source : str
+        The OOF file (for composed members, the parts' files joined by ``+``).
+    parts : tuple of str
+        Composed members: the factor members' names in the joint space's factor order.
+    """
+
+    name: str
+    ids: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray | None = None
+    folds: np.ndarray | None = None
+    label_space: LabelSpace | None = None
+    kind: str = "file"
+    sha256: tuple[str, ...] = ()
+    source: str = ""
+    parts: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    def subset(self, index) -> "Member":
+        """Rows ``index`` of this member (ids, logits, labels and folds together)."""
+        pick = (lambda a: None if a is None else a[index])
+        return replace(self, ids=self.ids[index], logits=self.logits[index], labels=pick(self.labels),
+                       folds=pick(self.folds))
+
+
+def _few(ids: Iterable, k: int = 5) -> str:
+    ids = [str(i) for i in ids]
+    more = f" (+{len(ids) - k} more)" if len(ids) > k else ""
+    return ", ".join(repr(i) for i in ids[:k]) + more
+
+
+def load_oof(path, *, name: str | None = None, label_space: LabelSpace | dict | None = None,
+             kind: str = "file", sha256: Sequence[str] = (), require: Sequence[str] = OOF_ARRAYS) -> Member:
+    """Load and validate one OOF logits file (``ids``, ``logits``, ``labels``, ``folds``).
+
+    Parameters
+    ----------
+    path : str or Path
+        An ``.npz`` written by the trainer (``<registry>/<family>/oof.npz``) or by hand.
+    name : str, optional
+        Member name (default: the file stem).
+    label_space : LabelSpace or dict, optional
+        The member's classes; when omitted, an optional ``label_space`` JSON string stored in
+        the npz is used, else the member has none (only its class count is checked).
+    kind : {"family", "checkpoint", "composed", "file"}
+    sha256 : sequence of str
+        sha256 of the weights behind the logits, recorded in the Recipe.
+    require : sequence of str
+        Arrays that must be present (test-time logits need only ``ids`` and ``logits``).
+
+    Raises
+    ------
+    LogitError
+        Naming ``path``: not a readable npz, a missing array, bad shapes, NaN/inf logits,
+        duplicate ids, labels out of range, or a class count that disagrees with the label space.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> d = tempfile.mkdtemp(); p = os.path.join(d, "effnet.npz")
+    >>> np.savez(p, ids=np.array(["a", "b"]), logits=np.zeros((2, 3), np.float32),
+    ...          labels=np.array([0, 2]), folds=np.array([0, 1]))
+    >>> m = load_oof(p); (m.name, m.num_classes, len(m))
+    ('effnet', 3, 2)
+    """
+    path = Path(path)
+    if kind not in MEMBER_KINDS:
+        raise ValueError(f"unknown member kind {kind!r}; choose one of {MEMBER_KINDS}")
+    name = path.stem if name is None else str(name)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise LogitError(f"OOF file {path} is a bare .npy array, not an .npz with {list(OOF_ARRAYS)}")
+            missing = [k for k in require if k not in npz.files]
+            if missing:
+                raise LogitError(f"OOF file {path} lacks array(s) {missing} (it has {sorted(npz.files)})")
+            arrays = {k: npz[k] for k in npz.files if k in (*OOF_ARRAYS, "label_space")}
+    except FileNotFoundError:
+        raise LogitError(f"OOF file {path} does not exist") from None
+    except IsADirectoryError:
+        raise LogitError(f"OOF file {path} is a folder, not an .npz file") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise LogitError(f"OOF file {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+    logits = arrays["logits"]
+    if logits.ndim != 2 or logits.shape[1] < 2 or not np.issubdtype(logits.dtype, np.floating):
+        raise LogitError(f"OOF file {path}: 'logits' must be a float (N, C>=2) array, got {logits.dtype} {logits.shape}")
+    n = logits.shape[0]
+    ids = arrays.get("ids")
+    if ids is not None:
+        if ids.ndim != 1 or len(ids) != n:
+            raise LogitError(f"OOF file {path}: 'ids' has shape {ids.shape} but 'logits' has {n} rows")
+        ids = ids.astype(str)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if len(uniq) != n:
+            raise LogitError(f"OOF file {path}: duplicate ids {_few(uniq[counts > 1])}")
+    bad_rows = ~np.isfinite(logits).all(axis=1)
+    if bad_rows.any():
+        where = _few(ids[bad_rows]) if ids is not None else _few(np.flatnonzero(bad_rows))
+        raise LogitError(f"OOF file {path}: {int(bad_rows.sum())} row(s) of logits are NaN or inf, e.g. ids {where}")
+
+    if label_space is None and "label_space" in arrays:
+        try:
+            label_space = json.loads(str(arrays["label_space"]))
+        except json.JSONDecodeError as exc:
+            raise LogitError(f"OOF file {path}: 'label_space' is not valid JSON ({exc})") from None
+    if isinstance(label_space, dict):
+        try:
+            label_space = LabelSpace.from_dict(label_space)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LogitError(f"OOF file {path}: bad label space ({exc})") from None
+    if label_space is not None and label_space.num_classes != logits.shape[1]:
+        raise LogitError(
+            f"OOF file {path}: logits have {logits.shape[1]} classes but the label space has "
+            f"{label_space.num_classes} ({list(label_space.classes)[:6]}...)"
+        )
+
+    def int_array(key):
+        a = arrays.get(key)
+        if a is None:
+            return None
+        if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
+            raise LogitError(f"OOF file {path}: '{key}' must be an int array of {n} rows, got {a.dtype} {a.shape}")
+        return a.astype(np.int64)
+
+    labels, folds = int_array("labels"), int_array("folds")
+    if labels is not None and n and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        out = (labels < 0) | (labels >= logits.shape[1])
+        raise LogitError(
+            f"OOF file {path}: labels outside 0..{logits.shape[1] - 1} (wrong class count?) at ids "
+            f"{_few(ids[out] if ids is not None else np.flatnonzero(out))}"
+        )
+    return Member(name=name, ids=ids, logits=logits, labels=labels, folds=folds, label_space=label_space,
+                  kind=kind, sha256=tuple(sha256), source=str(path))
+
+
+def _reorder_to(ref: Member, m: Member) -> Member:
+    """``m`` with its rows in ``ref``'s id order; LogitError naming m's file if the id sets differ."""
+    for x in (ref, m):
+        if x.ids is None:
+            raise LogitError(f"member {x.name!r} ({x.source}) has no ids: cannot align members by id")
+    if np.array_equal(m.ids, ref.ids):
+        return m
+    missing = np.setdiff1d(ref.ids, m.ids)
+    extra = np.setdiff1d(m.ids, ref.ids)
+    if len(missing) or len(extra) or len(m.ids) != len(ref.ids):
+        parts = []
+        if len(missing):
+            parts.append(f"{len(missing)} id(s) of {ref.name!r} missing, e.g. {_few(missing)}")
+        if len(extra):
+            parts.append(f"{len(extra)} id(s) not in {ref.name!r}, e.g. {_few(extra)}")
+        raise LogitError(f"OOF file {m.source} (member {m.name!r}) ids do not match: " + "; ".join(parts))
+    ref_order = np.argsort(ref.ids, kind="stable")
+    m_order = np.argsort(m.ids, kind="stable")
+    # m_order[k] is m's row holding the k-th smallest id; ref keeps that id at ref_order[k].
+    take = np.empty(len(m_order), dtype=np.int64)
+    take[ref_order] = m_order
+    return m.subset(take)
+
+
+def align_members(members: Sequence[Member]) -> list[Member]:
+    """Reorder every member's rows to the first member's id order, after checking they agree.
+
+    Raises
+    ------
+    LogitError
+        Naming the file: ids that are missing or extra compared with the first member,
+        labels that disagree for the same id, a class count or label space that differs.
+    """
+    members = list(members)
+    if not members:
+        raise LogitError("no ensemble members were given")
+    check_label_spaces(members)
+    ref = members[0]
+    out = [ref]
+    for m in members[1:]:
+        m = _reorder_to(ref, m)
+        if ref.labels is not None and m.labels is not None and not np.array_equal(m.labels, ref.labels):
+            bad = m.labels != ref.labels
+            raise LogitError(
+                f"OOF file {m.source} (member {m.name!r}): labels disagree with {ref.name!r} "
+                f"({ref.source}) on {int(bad.sum())} id(s), e.g. {_few(ref.ids[bad])}"
+            )
+        out.append(m)
+    return out
+
+
+def check_label_spaces(members: Sequence[Member]) -> None:
+    """All members must predict the same classes in the same order (class count when unknown)."""
+    ref = members[0]
+    for m in members[1:]:
+        if m.num_classes != ref.num_classes:
+            raise LogitError(
+                f"class-count mismatch: member {ref.name!r} ({ref.source}) has {ref.num_classes} classes, "
+                f"member {m.name!r} ({m.source}) has {m.num_classes}"
+            )
+        if ref.label_space is not None and m.label_space is not None and not ref.label_space.same_classes(m.label_space):
+            diff = [(a, b) for a, b in zip(ref.label_space.classes, m.label_space.classes) if a != b][:3]
+            raise LogitError(
+                f"class maps differ: member {ref.name!r} ({ref.source}) and member {m.name!r} ({m.source}) "
+                f"disagree, e.g. {diff}"
+            )
+
+
+def _parent_space(m: Member) -> tuple[LabelSpace, str]:
+    meta = m.label_space.meta if m.label_space is not None else {}
+    if "factor_of" not in meta or "factor" not in meta:
+        raise LogitError(
+            f"member {m.name!r} ({m.source}) cannot be composed: its label space does not say which joint "
+            f"space it is a factor of (meta 'factor_of'/'factor'); train it with --target <factor>"
+        )
+    return LabelSpace.from_dict(meta["factor_of"]), str(meta["factor"])
+
+
+def compose_members(parts: Sequence[Member], name: str | None = None) -> Member:
+    """A joint-space member from per-factor members (e.g. mask-only, gender-only, age-only).
+
+    ``joint[:, ravel(i_mask, i_gender, i_age)] = log_softmax(mask)[i_mask] + ...``, in the
+    parent LabelSpace's factor order whatever order ``parts`` come in. Rows are aligned by id;
+    the joint label is recomputed from the parts' factor labels.
+
+    Raises
+    ------
+    LogitError
+        A part that is not a factor model, parts of different joint spaces, a factor given
+        twice or missing, or ids that do not match.
+    """
+    parts = list(parts)
+    if len(parts) < 2:
+        raise LogitError(f"a composed member needs at least two factor members, got {[p.name for p in parts]}")
+    parent, _ = _parent_space(parts[0])
+    by_factor: dict[str, Member] = {}
+    for p in parts:
+        space, factor = _parent_space(p)
+        if not space.same_classes(parent):
+            raise LogitError(f"members {parts[0].name!r} and {p.name!r} are factors of different joint label spaces")
+        if factor in by_factor:
+            raise LogitError(f"factor {factor!r} given twice: members {by_factor[factor].name!r} and {p.name!r}")
+        by_factor[factor] = p
+    names = [f.name for f in parent.factors]
+    if sorted(by_factor) != sorted(names):
+        raise LogitError(
+            f"composed member {'+'.join(p.name for p in parts)!r} covers factors {sorted(by_factor)}, "
+            f"the joint space needs {names}"
+        )
+    ordered = [by_factor[f] for f in names]
+    aligned = [ordered[0]] + [_reorder_to(ordered[0], p) for p in ordered[1:]]
+    ref = ordered[0]
+    joint = joint_from_factor_logprobs([log_softmax(p.logits) for p in aligned])
+    labels = None
+    if all(p.labels is not None for p in aligned):
+        labels = np.ravel_multi_index(tuple(p.labels for p in aligned), parent.factor_sizes).astype(np.int64)
+    return Member(
+        name=name or COMPOSE_SEP.join(p.name for p in aligned),
+        ids=ref.ids, logits=joint, labels=labels, folds=ref.folds, label_space=parent, kind="composed",
+        sha256=tuple(s for p in aligned for s in p.sha256), source="+".join(p.source for p in aligned),
+        parts=tuple(p.name for p in aligned),
+    )
+
+
+# ---------------------------------------------------------------------------- resolution
+def _registry(registry):
+    try:
+        from ..registry import Registry  # written by the registry issue
+    except ImportError as exc:  # pragma: no cover - only before the registry module lands
+        raise EnsemblerError(f"the checkpoint registry is not available ({exc}); pass OOF files with --oof") from None
+    return registry if hasattr(registry, "entries") else Registry(registry)
+
+
+def _entry_label_space(entry, n_classes_hint=None) -> LabelSpace | None:
+    d = getattr(entry, "label_space", None)
+    if not d:
+        return None
+    space = LabelSpace.from_dict(d)
+    target = getattr(entry, "target", None)
+    if target and space.is_factored and "factor_of" not in space.meta:
+        space = space.factor_space(target)
+    return space
+
+
+def registry_members(registry, names: Sequence[str] | str = "all") -> list[Member]:
+    """Members from a registry: each family with OOF logits (``"all"``), or named families/entries.
+
+    A family name gives one member (kind ``family``) from ``<registry>/<family>/oof.npz``
+    with the sha256 of every fold's weights; an entry id gives a ``checkpoint`` member from
+    that entry's ``oof`` file.
+    """
+    reg = _registry(registry)
+    families = set(reg.families())
+    if names == "all" or list(names) == ["all"]:
+        wanted = sorted(families)
+    else:
+        wanted = list(names)
+    out = []
+    for name in wanted:
+        if name in families:
+            entries = sorted(reg.family(name), key=lambda e: (e.fold is None, e.fold if e.fold is not None else 0))
+            oofs = sorted({e.oof for e in entries if e.oof})
+            if not oofs:
+                if names == "all" or list(names) == ["all"]:
+                    continue  # families without OOF logits cannot be tuned; 'all' skips them
+                raise LogitError(f"family {name!r} has no OOF logits in the registry (train it with train-folds)")
+            if len(oofs) > 1:
+                raise LogitError(f"family {name!r} lists several OOF files {oofs}; expected one per family")
+            out.append(load_oof(reg.path(oofs[0]), name=name, label_space=_entry_label_space(entries[0]),
+                                kind="family", sha256=[e.sha256 for e in entries]))
+        else:
+            try:
+                entry = reg.get(name)
+            except Exception as exc:  # noqa: BLE001 - the registry names what it lacks
+                raise LogitError(f"no family or checkpoint named {name!r} in the registry ({exc})") from None
+            if not entry.oof:
+                raise LogitError(f"checkpoint {name!r} has no OOF logits in the registry")
+            out.append(load_oof(reg.path(entry.oof), name=name, label_space=_entry_label_space(entry),
+                                kind="checkpoint", sha256=[entry.sha256]))
+    if not out:
+        raise LogitError("the registry holds no family with OOF logits; train one with train-folds or pass --oof")
+    return out
+
+
+def load_members(specs: Sequence[str] | str | None = None, *, registry=None, oof_files: Sequence = ()) -> list[Member]:
+    """Resolve member specs to validated, id-aligned members.
+
+    Parameters
+    ----------
+    specs : "all", list of names, or None
+        Family names, checkpoint ids, OOF file stems, or compositions ``a+b+c`` of per-factor
+        members. ``None`` means every ``oof_files`` member when files are given, else ``"all"``.
+        ``"all"`` is every registry family with OOF logits plus every file.
+    registry : str, Path or Registry, optional
+    oof_files : sequence of paths
+        Raw OOF ``.npz`` files, each a member named by its file stem.
+
+    Returns
+    -------
+    list of Member, rows aligned to the first member's ids.
+    """
+    files: dict[str, Member] = {}
+    for f in oof_files:
+        m = load_oof(f)
+        if m.name in files:
+            raise LogitError(f"two OOF files share the member name {m.name!r}: {files[m.name].source} and {f}")
+        files[m.name] = m
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(",") if s.strip()]
+    if specs is None:
+        specs = list(files) if files else ["all"]
+    specs = [s.strip() for s in specs]
+    resolved: dict[str, Member] = dict(files)
+    members: list[Member] = []
+    for spec in specs:
+        if spec == "all":
+            members.extend(files.values())
+            members.extend(m for m in registry_members(registry, "all") if m.name not in files)
+            continue
+        atoms = spec.split(COMPOSE_SEP)
+        for atom in atoms:
+            if atom not in resolved:
+                resolved[atom] = registry_members(registry, [atom])[0]
+        if len(atoms) == 1:
+            members.append(resolved[atoms[0]])
+        else:
+            members.append(compose_members([resolved[a] for a in atoms]))
+    seen = set()
+    for m in members:
+        if m.name in seen:
+            raise LogitError(f"member {m.name!r} is listed twice")
+        seen.add(m.name)
+    return align_members(members)

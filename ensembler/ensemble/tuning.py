@@ -1,0 +1,597 @@
+"""Weight tuning on out-of-fold logits, with an honest (nested cross-validated) score.
+
+Steps of one tuning (:func:`fit_blend`), all on OOF rows:
+
+1. **Temperatures** (optional): one per member, :func:`~ensembler.ensemble.calibration.fit_temperature`.
+2. **Weights** on the simplex, by one of
+
+   - ``caruana``: greedy ensemble selection with replacement starting from an empty
+     ensemble (Caruana et al. 2004, as AutoGluon does it): each round adds the member whose
+     addition gives the best metric of the soft blend (probabilities averaged by counts);
+     ties prefer a member already chosen, then the lower index; the ensemble is cut back to
+     its best round and ``weights = counts / rounds kept``. A running sum keeps each
+     candidate at O(N·C).
+   - ``scipy``: L-BFGS-B on a softmax parametrisation of the weights minimising the OOF
+     log-loss of the weighted soft blend, with an analytic gradient. Log-loss is used
+     whatever ``metric`` is: macro-F1 and accuracy are piecewise constant in the weights,
+     so a gradient method cannot follow them (Caruana and the class biases can).
+
+3. **Class biases** (optional): per-class additive biases on the blend's log-probabilities,
+   by coordinate ascent on macro-F1 (or accuracy) over a grid, a few sweeps, starting from
+   zero; kept only if they improve the score on the rows they were tuned on.
+
+:func:`tune_weights` runs that once on every OOF row (the recipe and its *in-sample*
+score) and again once per fold with that fold held out, scoring each held-out fold: the
+*honest* score, mean and per fold. A tuned blend always looks better in-sample than it is;
+the honest score is what to compare with a single member or a uniform vote.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import LogitError
+from ..metrics import classification_scores, per_class_f1
+from .calibration import TemperatureFit, calibrate, fit_temperature
+from .members import Member, align_members
+from .recipe import Recipe, RecipeMember
+from .voting import vote
+
+METHODS = ("caruana", "scipy")
+METRICS = ("f1", "acc", "logloss")
+DEFAULT_BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 10)
+_EPS = 1e-15
+
+
+# ---------------------------------------------------------------------------- metric helpers
+def _macro_f1_batch(y: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Macro-F1 of each row of ``preds`` (K, N) against ``y`` in one bincount."""
+    k = preds.shape[0]
+    c = num_classes
+    codes = (np.arange(k, dtype=np.int64)[:, None] * (c * c) + y[None, :] * c + preds).ravel()
+    cm = np.bincount(codes, minlength=k * c * c).reshape(k, c, c)
+    tp = np.einsum("kii->ki", cm).astype(np.float64)
+    denom = cm.sum(1) + cm.sum(2)
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).mean(1)
+
+
+def _decision_scores(metric: str, y: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    if metric == "f1":
+        return _macro_f1_batch(y, preds, num_classes)
+    return (preds == y[None, :]).mean(1)
+
+
+def member_probabilities(logits: np.ndarray, temperatures=None, dtype=np.float32) -> np.ndarray:
+    """softmax(logits_m / T_m) for every member, ``(M, N, C)``, computed in ``dtype``."""
+    z = np.asarray(logits, dtype=dtype)
+    if temperatures is not None:
+        z = z / np.asarray(temperatures, dtype=dtype)[:, None, None]
+    else:
+        z = z.copy()
+    z -= z.max(axis=2, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=2, keepdims=True)
+    return z
+
+
+# ---------------------------------------------------------------------------- weight search
+@dataclass(frozen=True)
+class CaruanaResult:
+    weights: np.ndarray       # (M,), counts at the best round / rounds kept
+    counts: np.ndarray        # (M,), at the best round
+    history: list[float]      # ensemble score after each round (higher is better; -logloss for logloss)
+    best_round: int           # 1-based number of rounds kept
+
+
+def caruana_select(probs: np.ndarray, labels, metric: str = "f1", rounds: int = 50,
+                   chunk_elements: int = 1 << 22) -> CaruanaResult:
+    """Greedy ensemble selection with replacement, from an empty ensemble.
+
+    Parameters
+    ----------
+    probs : array (M, N, C)
+        Each member's probabilities (after temperatures).
+    labels : array (N,)
+    metric : {"f1", "acc", "logloss"}
+    rounds : int
+        Selection rounds (members added, repeats allowed).
+
+    Returns
+    -------
+    CaruanaResult
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.array([0, 1, 1, 0])
+    >>> good = np.array([[.9, .1], [.2, .8], [.3, .7], [.6, .4]])
+    >>> bad = good[:, ::-1]
+    >>> caruana_select(np.stack([bad, good]), y, "acc", rounds=5).weights.tolist()
+    [0.0, 1.0]
+    """
+    _check_metric(metric)
+    rounds = _check_rounds(rounds)
+    probs = np.asarray(probs)
+    m, n, c = probs.shape
+    y = np.asarray(labels, dtype=np.int64)
+    counts = np.zeros(m, dtype=np.int64)
+    history: list[float] = []
+    snapshots: list[np.ndarray] = []
+    if metric == "logloss":
+        # The blend of normalised probabilities is normalised: only the true class matters.
+        p_true = probs[:, np.arange(n), y].astype(np.float64)  # (M, N)
+        running = np.zeros(n, dtype=np.float64)
+    else:
+        running = np.zeros((n, c), dtype=probs.dtype)
+        preds = np.empty((m, n), dtype=np.int64)
+        step = max(1, chunk_elements // max(1, n * c))
+    for r in range(rounds):
+        if metric == "logloss":
+            goodness = np.log(np.maximum((running[None, :] + p_true) / (r + 1), _EPS)).mean(1)
+        else:
+            # argmax of (running + P_m) / (r+1) == argmax of running + P_m
+            for s in range(0, m, step):
+                preds[s:s + step] = (running[None] + probs[s:s + step]).argmax(axis=2)
+            goodness = _decision_scores(metric, y, preds, c)
+        best = goodness.max()
+        tied = np.flatnonzero(goodness == best)
+        chosen = tied[counts[tied] > 0]
+        pick = int(chosen[0] if len(chosen) else tied[0])
+        counts[pick] += 1
+        if metric == "logloss":
+            running += p_true[pick]
+        else:
+            running += probs[pick]
+        history.append(float(best))
+        snapshots.append(counts.copy())
+    best_round = int(np.argmax(history))  # first best: the smallest ensemble reaching it
+    kept = snapshots[best_round]
+    return CaruanaResult(kept / kept.sum(), kept, history, best_round + 1)
+
+
+def scipy_weights(probs: np.ndarray, labels, prune: float = 1e-4) -> np.ndarray:
+    """Simplex weights minimising the OOF log-loss of the weighted soft blend.
+
+    ``w = softmax(theta)``, L-BFGS-B from uniform weights with the analytic gradient; only
+    each member's probability of the true class enters the loss, so one evaluation costs
+    O(M·N). Weights under ``prune`` are set to zero (the softmax never reaches zero exactly).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.array([0, 1, 1, 0])
+    >>> good = np.array([[.9, .1], [.2, .8], [.3, .7], [.6, .4]])
+    >>> noise = np.full((4, 2), 0.5)
+    >>> w = scipy_weights(np.stack([noise, good]), y); bool(w[1] > 0.99)
+    True
+    """
+    from scipy.optimize import minimize
+
+    probs = np.asarray(probs)
+    m, n, _ = probs.shape
+    y = np.asarray(labels, dtype=np.int64)
+    p_true = probs[:, np.arange(n), y].astype(np.float64)  # (M, N)
+    if m == 1:
+        return np.ones(1)
+
+    def loss_and_grad(theta):
+        w = np.exp(theta - theta.max())
+        w /= w.sum()
+        blend = np.maximum(w @ p_true, _EPS)
+        loss = -np.log(blend).mean()
+        g_w = -(p_true / blend).mean(axis=1)
+        return loss, w * (g_w - w @ g_w)
+
+    res = minimize(loss_and_grad, np.zeros(m), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 500, "gtol": 1e-9, "ftol": 1e-12})
+    w = np.exp(res.x - res.x.max())
+    w /= w.sum()
+    w[w < prune] = 0.0
+    return w / w.sum()
+
+
+def fit_class_biases(log_probs, labels, metric: str = "f1", grid=None, sweeps: int = 3) -> np.ndarray:
+    """Per-class additive biases on log-probabilities maximising macro-F1 (or accuracy).
+
+    Coordinate ascent from zero: for each class in turn, every bias in ``grid`` is scored at
+    once (rows sorted by their margin to the best other class, counts by prefix sums), and
+    the best is kept (ties keep the current value, then the smallest magnitude). Stops after
+    ``sweeps`` sweeps or a sweep that changes nothing.
+
+    Returns
+    -------
+    ndarray (C,)
+        The biases; all zero when no bias improves the score.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = (rng.random(3000) < 0.1).astype(int)          # a rare class 1
+    >>> lp = np.log(np.c_[np.full(3000, .7), np.full(3000, .3)]) + np.c_[np.zeros(3000), y * 0.9
+    ...      + rng.normal(0, .4, 3000)]
+    >>> b = fit_class_biases(lp, y)
+    >>> bool(b[1] - b[0] > 0)     # the rare class is pushed up
+    True
+    """
+    if metric not in ("f1", "acc"):
+        raise ValueError(f"class biases tune decisions for metric 'f1' or 'acc', not {metric!r}")
+    lp = np.asarray(log_probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    n, c = lp.shape
+    grid = np.unique(np.asarray(DEFAULT_BIAS_GRID if grid is None else grid, dtype=np.float64))
+    if n == 0:
+        return np.zeros(c)
+    true_counts = np.bincount(y, minlength=c).astype(np.float64)
+    biases = np.zeros(c)
+    rows = np.arange(n)
+    positions = np.arange(n)
+    for _ in range(int(sweeps)):
+        changed = False
+        for k in range(c):
+            a = lp + biases
+            a[:, k] = -np.inf
+            other = a.argmax(axis=1)
+            # Row goes to class k iff lp_k + b_k > best other score: margin d + b_k > 0.
+            margin = lp[:, k] - a[rows, other]
+            order = np.argsort(margin, kind="stable")
+            sorted_margin = margin[order]
+            other_s, y_s = other[order], y[order]
+            # rows at sorted positions < cut keep their other class; the rest go to k.
+            cuts = np.searchsorted(sorted_margin, -grid, side="right")
+            uniq_cuts, inverse = np.unique(cuts, return_inverse=True)
+            seg = np.searchsorted(uniq_cuts, positions, side="right")  # row i counts for cut j iff seg[i] <= j
+            nseg = len(uniq_cuts) + 1
+            pred_cnt = np.bincount(seg * c + other_s, minlength=nseg * c).reshape(nseg, c).cumsum(0)[:-1]
+            hit = other_s == y_s
+            tp = np.bincount(seg[hit] * c + other_s[hit], minlength=nseg * c).reshape(nseg, c).cumsum(0)[:-1]
+            k_kept = np.bincount(seg[y_s == k], minlength=nseg).cumsum()[:-1]  # class-k rows not sent to k
+            n_to_k = n - uniq_cuts
+            pred_cnt = pred_cnt.astype(np.float64)
+            tp = tp.astype(np.float64)
+            pred_cnt[:, k] = n_to_k
+            tp[:, k] = true_counts[k] - k_kept
+            if metric == "f1":
+                denom = pred_cnt + true_counts[None, :]
+                score = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).mean(1)
+            else:
+                score = tp.sum(1) / n
+            score = score[inverse]  # per grid value
+            best = score.max()
+            cand = grid[score >= best - 1e-12]
+            if np.any(cand == biases[k]):
+                continue
+            new = cand[np.argmin(np.abs(cand))]
+            if new != biases[k]:
+                biases[k] = new
+                changed = True
+        if not changed:
+            break
+    before = _decision_scores(metric, y, lp.argmax(1)[None], c)[0]
+    after = _decision_scores(metric, y, (lp + biases).argmax(1)[None], c)[0]
+    return biases if after > before else np.zeros(c)
+
+
+# ---------------------------------------------------------------------------- one tuning
+@dataclass(frozen=True)
+class BlendFit:
+    """Parameters found by one tuning run (:func:`fit_blend`)."""
+
+    temperatures: np.ndarray
+    weights: np.ndarray
+    class_biases: np.ndarray | None
+    caruana: CaruanaResult | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: str = "f1", rounds: int = 50,
+              temperature: bool = True, class_bias: bool = False, bias_grid=None, sweeps: int = 3) -> BlendFit:
+    """Temperatures, weights and class biases on the given rows (one tuning, no CV).
+
+    Parameters
+    ----------
+    logits : array (M, N, C)
+    labels : array (N,)
+    method, metric, rounds, temperature, class_bias : see :func:`tune_weights`.
+    """
+    _check_method(method)
+    _check_metric(metric)
+    _check_bias_metric(class_bias, metric)
+    logits = np.asarray(logits)
+    y = np.asarray(labels, dtype=np.int64)
+    m = logits.shape[0]
+    timings = {}
+    t0 = time.perf_counter()
+    temps = np.array([fit_temperature(logits[i], y) for i in range(m)]) if temperature else np.ones(m)
+    timings["temperature_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probs = member_probabilities(logits, temps)
+    timings["probabilities_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    car = None
+    if method == "caruana":
+        car = caruana_select(probs, y, metric, rounds)
+        weights = car.weights
+    else:
+        weights = scipy_weights(probs, y)
+    timings[f"{method}_s"] = time.perf_counter() - t0
+    biases = None
+    if class_bias:
+        t0 = time.perf_counter()
+        used = np.flatnonzero(weights > 0)
+        blend = np.tensordot(weights[used], probs[used], axes=1).astype(np.float64)
+        b = fit_class_biases(np.log(np.maximum(blend, 1e-300)), y, metric, bias_grid, sweeps)
+        biases = b if np.any(b != 0) else None
+        timings["class_bias_s"] = time.perf_counter() - t0
+    return BlendFit(temps, weights, biases, car, timings)
+
+
+# ---------------------------------------------------------------------------- the whole job
+@dataclass
+class TuneResult:
+    """Everything ``tune-weights`` found and shows.
+
+    Attributes
+    ----------
+    recipe : Recipe
+        Tuned on all OOF rows; ``recipe.scores`` holds the in-sample and honest scores.
+    rows : list of dict
+        The comparison table: one row per member (``kind="member"``), the hard vote,
+        the uniform soft vote, the tuned blend in-sample and honest. Keys: ``name``, ``kind``,
+        ``f1``, ``acc``, ``logloss``, ``weight``, ``temperature``, ``nll_before``, ``nll_after``,
+        ``ece_before``, ``ece_after``, ``tie_rate``, ``note`` (missing values are ``None``).
+    in_sample : dict
+        f1 / acc / logloss of the recipe on all OOF rows.
+    honest : dict or None
+        ``{"metric", "mean", "per_fold": {fold: score}, "pooled": {f1, acc, logloss}}``;
+        ``None`` when the OOF rows have fewer than two folds.
+    per_class_f1 : dict name -> ndarray (C,)
+        Members, ``soft (uniform)``, ``tuned`` and ``tuned (honest)``.
+    calibration : list of TemperatureFit or None
+    fit : BlendFit
+        The in-sample tuning (Caruana history, timings).
+    """
+
+    recipe: Recipe
+    rows: list[dict]
+    in_sample: dict
+    honest: dict | None
+    per_class_f1: dict
+    calibration: list
+    fit: BlendFit
+    timings: dict
+
+
+def _as_members(members, labels, folds, names) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None, list]:
+    """Normalise the ``members`` argument to names, (M, N, C) logits, labels, folds, Member list."""
+    if isinstance(members, Sequence) and members and isinstance(members[0], Member):
+        aligned = align_members(members)
+        ref = aligned[0]
+        if labels is None:
+            labels = ref.labels
+        if folds is None:
+            folds = ref.folds
+        return [m.name for m in aligned], np.stack([m.logits for m in aligned]), labels, folds, aligned
+    if isinstance(members, Mapping):
+        names = list(members) if names is None else list(names)
+        arrays = [np.asarray(members[k]) for k in members]
+    else:
+        arrays = list(np.asarray(members)) if isinstance(members, np.ndarray) else [np.asarray(a) for a in members]
+        names = [f"member{i}" for i in range(len(arrays))] if names is None else list(names)
+    from .voting import stack_member_logits
+
+    try:
+        stacked, names = stack_member_logits(arrays, names)
+    except ValueError as exc:
+        raise LogitError(str(exc)) from None
+    bad = [n for n, a in zip(names, stacked) if not np.all(np.isfinite(a))]
+    if bad:
+        raise LogitError(f"non-finite logits (NaN or inf) in member(s) {', '.join(map(repr, bad))}")
+    return names, stacked, labels, folds, []
+
+
+def _scores(y, probs, pred=None) -> dict:
+    lp = np.log(np.maximum(probs, 1e-300))
+    s = classification_scores(y, lp)
+    if pred is not None:  # hard votes: argmax of shares loses the tie rule; use the vote's pred
+        from ..metrics import accuracy, macro_f1
+
+        s["f1"] = macro_f1(y, pred, probs.shape[1])
+        s["acc"] = accuracy(y, pred)
+    return s
+
+
+def _recipe_from_fit(names, member_info, classes, fit: BlendFit, metric, method, scores=None) -> Recipe:
+    rm = []
+    for i, name in enumerate(names):
+        info = member_info[i] if member_info else None
+        rm.append(RecipeMember(
+            name=name,
+            kind=info.kind if info else "file",
+            classes=classes,
+            weight=float(fit.weights[i]),
+            temperature=float(fit.temperatures[i]),
+            sha256=info.sha256 if info else (),
+            parts=info.parts if info else (),
+        ))
+    biases = None if fit.class_biases is None else tuple(float(b) for b in fit.class_biases)
+    return Recipe(members=tuple(rm), vote="weighted", class_biases=biases, metric=metric, method=method,
+                  scores=scores or {})
+
+
+def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | None = None, method: str = "caruana",
+                 metric: str = "f1", rounds: int = 50, temperature: bool = True, class_bias: bool = False,
+                 honest: bool = True, bias_grid=None, sweeps: int = 3,
+                 progress: Callable[[str], None] | None = None) -> TuneResult:
+    """Tune an ensemble on OOF logits and score it in-sample and honestly.
+
+    Parameters
+    ----------
+    members : list of Member, dict name -> (N, C), or array (M, N, C)
+        OOF joint logits; :class:`Member` lists are aligned by id (labels and folds come
+        from them unless given).
+    labels : array (N,), optional
+    folds : array (N,), optional
+        OOF fold of each row; the honest score holds each fold out in turn.
+    method : {"caruana", "scipy"}
+    metric : {"f1", "acc", "logloss"}
+        What Caruana selects for, the class biases maximise (f1/acc), and the honest score
+        reports. ``scipy`` always minimises log-loss (see the module docstring).
+    rounds : int, default 50
+        Caruana rounds.
+    temperature : bool, default True
+        Fit a temperature per member before blending.
+    class_bias : bool, default False
+        Tune per-class biases on the blend's log-probabilities (needs metric f1 or acc).
+    honest : bool, default True
+        Repeat the whole tuning once per fold with that fold held out.
+    progress : callable, optional
+        Called with a short message before each tuning run.
+
+    Returns
+    -------
+    TuneResult
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, 600); folds = np.arange(600) % 3
+    >>> good = np.eye(3)[y] * 2 + rng.normal(size=(600, 3))
+    >>> noise = rng.normal(size=(600, 3))
+    >>> res = tune_weights({"good": good, "noise": noise}, y, folds, rounds=10, temperature=False)
+    >>> res.recipe.weights.tolist()
+    [1.0, 0.0]
+    >>> sorted(res.honest["per_fold"])
+    [0, 1, 2]
+    """
+    _check_method(method)
+    _check_metric(metric)
+    rounds = _check_rounds(rounds)
+    _check_bias_metric(class_bias, metric)
+    names, logits, labels, folds, info = _as_members(members, labels, folds, names)
+    m, n, c = logits.shape
+    if labels is None:
+        raise LogitError("tuning needs labels: the OOF members carry none and none were given")
+    y = np.asarray(labels)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise LogitError(f"labels must be {n} integers (one per OOF row), got {y.dtype} {y.shape}")
+    y = y.astype(np.int64)
+    if n == 0:
+        raise LogitError("no OOF rows to tune on")
+    if y.min() < 0 or y.max() >= c:
+        raise LogitError(f"labels outside 0..{c - 1}: the members have {c} classes")
+    if folds is not None:
+        folds = np.asarray(folds)
+        if folds.shape != (n,):
+            raise LogitError(f"folds must have one entry per OOF row ({n}), got shape {folds.shape}")
+    classes = tuple(info[0].label_space.classes) if info and info[0].label_space is not None else tuple(
+        str(i) for i in range(c))
+    kw = dict(method=method, metric=metric, rounds=rounds, temperature=temperature, class_bias=class_bias,
+              bias_grid=bias_grid, sweeps=sweeps)
+    say = progress or (lambda msg: None)
+    timings: dict = {}
+
+    # -------- baselines: members, hard vote, uniform soft vote (raw logits, nothing tuned)
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    per_class: dict[str, np.ndarray] = {}
+    calib: list = []
+    for i, name in enumerate(names):
+        s = classification_scores(y, logits[i])
+        fitcal: TemperatureFit | None = calibrate(logits[i], y) if temperature else None
+        calib.append(fitcal)
+        rows.append(_row(name, "member", s, temperature=fitcal))
+        per_class[name] = per_class_f1(y, logits[i].argmax(1), c)
+    hard = vote(logits, "hard", names=names)
+    rows.append(_row("hard vote", "hard", _scores(y, hard.probs, hard.pred), tie_rate=hard.tie_rate,
+                     logloss=None))
+    soft = vote(logits, "soft", names=names)
+    soft_scores = _scores(y, soft.probs)
+    rows.append(_row("soft vote (uniform)", "soft", soft_scores))
+    per_class["soft (uniform)"] = per_class_f1(y, soft.pred, c)
+    timings["baselines_s"] = time.perf_counter() - t0
+
+    # -------- in-sample tuning on every row
+    say(f"tuning on all {n} OOF rows")
+    t0 = time.perf_counter()
+    fit = fit_blend(logits, y, **kw)
+    timings["tune_s"] = time.perf_counter() - t0
+    recipe = _recipe_from_fit(names, info, classes, fit, metric, method)
+    pred, probs = recipe.apply(dict(zip(names, logits)))
+    in_sample = _scores(y, probs)
+    per_class["tuned"] = per_class_f1(y, pred, c)
+
+    # -------- honest score: the whole tuning again with each fold held out
+    honest_res = None
+    fold_values = np.unique(folds) if folds is not None else np.array([])
+    t0 = time.perf_counter()
+    if honest and len(fold_values) >= 2:
+        held_probs = np.zeros((n, c))
+        per_fold = {}
+        for f in fold_values:
+            test = folds == f
+            say(f"honest score: tuning without fold {f} ({int(test.sum())} rows held out)")
+            fit_f = fit_blend(logits[:, ~test], y[~test], **kw)
+            rec_f = _recipe_from_fit(names, info, classes, fit_f, metric, method)
+            pred_f, probs_f = rec_f.apply(dict(zip(names, logits[:, test])))
+            held_probs[test] = probs_f
+            per_fold[int(f)] = _scores(y[test], probs_f)[metric]
+        pooled = _scores(y, held_probs)
+        honest_res = {"metric": metric, "mean": float(np.mean(list(per_fold.values()))), "per_fold": per_fold,
+                      "pooled": pooled}
+        per_class["tuned (honest)"] = per_class_f1(y, held_probs.argmax(1), c)
+    timings["honest_s"] = time.perf_counter() - t0
+
+    scores = {"in_sample": in_sample, "honest": honest_res, "soft_uniform": soft_scores,
+              "rows": n, "folds": [int(f) for f in fold_values]}
+    recipe = _recipe_from_fit(names, info, classes, fit, metric, method, scores=scores)
+    for i, r in enumerate(rows[:m]):
+        r["weight"] = float(fit.weights[i])
+        r["temperature"] = float(fit.temperatures[i])
+    rows.append(_row(f"tuned {method} (in-sample)", "tuned", in_sample, note="flattered: tuned on these rows"))
+    if honest_res is not None:
+        rows.append(_row(f"tuned {method} (honest, {len(fold_values)}-fold)", "honest", honest_res["pooled"],
+                         note=f"fold mean {metric} {honest_res['mean']:.4f}"))
+    else:
+        rows.append(_row(f"tuned {method} (honest)", "honest", {}, note="needs OOF folds (>= 2) to estimate"))
+    return TuneResult(recipe=recipe, rows=rows, in_sample=in_sample, honest=honest_res, per_class_f1=per_class,
+                      calibration=calib, fit=fit, timings=timings)
+
+
+def _row(name, kind, scores, *, temperature: TemperatureFit | None = None, tie_rate=None, note=None, **over):
+    row = {"name": name, "kind": kind, "f1": scores.get("f1"), "acc": scores.get("acc"),
+           "logloss": scores.get("logloss"), "weight": None, "temperature": None, "nll_before": None,
+           "nll_after": None, "ece_before": None, "ece_after": None, "tie_rate": tie_rate, "note": note}
+    if temperature is not None:
+        row.update(temperature=temperature.temperature, nll_before=temperature.nll_before,
+                   nll_after=temperature.nll_after, ece_before=temperature.ece_before,
+                   ece_after=temperature.ece_after)
+    row.update(over)
+    return row
+
+
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"unknown tuning method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _check_metric(metric):
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def _check_rounds(rounds) -> int:
+    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    return int(rounds)
+
+
+def _check_bias_metric(class_bias, metric):
+    if class_bias and metric == "logloss":
+        raise ValueError("class biases tune argmax decisions for metric 'f1' or 'acc'; they are not "
+                         "fitted for log-loss (use --metric f1)")
