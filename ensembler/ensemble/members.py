@@ -123,9 +123,10 @@ def load_oof(path, *, name: str | None = None, label_space: LabelSpace | dict | 
         raise ValueError(f"unknown member kind {kind!r}; choose one of {MEMBER_KINDS}")
     name = path.stem if name is None else str(name)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise LogitError(f"OOF file {path} is a bare .npy array, not an .npz with {list(OOF_ARRAYS)}")
+        npz = np.load(path, allow_pickle=False)
+        if not hasattr(npz, "files"):
+            raise LogitError(f"OOF file {path} is a bare .npy array, not an .npz with {list(OOF_ARRAYS)}")
+        with npz:
             missing = [k for k in require if k not in npz.files]
             if missing:
                 raise LogitError(f"OOF file {path} lacks array(s) {missing} (it has {sorted(npz.files)})")
