@@ -48,21 +48,23 @@ _EPS = 1e-15
 
 
 # ---------------------------------------------------------------------------- metric helpers
-def _macro_f1_batch(y: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """Macro-F1 of each row of ``preds`` (K, N) against ``y`` in one bincount."""
-    k = preds.shape[0]
-    c = num_classes
+def _confusions(y: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Confusion matrices (K, C, C) of each row of ``preds`` (K, N) against ``y``, one bincount."""
+    k, c = preds.shape[0], num_classes
     codes = (np.arange(k, dtype=np.int64)[:, None] * (c * c) + y[None, :] * c + preds).ravel()
-    cm = np.bincount(codes, minlength=k * c * c).reshape(k, c, c)
+    return np.bincount(codes, minlength=k * c * c).reshape(k, c, c)
+
+
+def _scores_from_confusions(metric: str, cm: np.ndarray) -> np.ndarray:
     tp = np.einsum("kii->ki", cm).astype(np.float64)
+    if metric == "acc":
+        return tp.sum(1) / np.maximum(cm.sum((1, 2)), 1)
     denom = cm.sum(1) + cm.sum(2)
     return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).mean(1)
 
 
 def _decision_scores(metric: str, y: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    if metric == "f1":
-        return _macro_f1_batch(y, preds, num_classes)
-    return (preds == y[None, :]).mean(1)
+    return _scores_from_confusions(metric, _confusions(y, preds, num_classes))
 
 
 def member_probabilities(logits: np.ndarray, temperatures=None, dtype=np.float32) -> np.ndarray:
@@ -127,16 +129,29 @@ def caruana_select(probs: np.ndarray, labels, metric: str = "f1", rounds: int = 
         running = np.zeros(n, dtype=np.float64)
     else:
         running = np.zeros((n, c), dtype=probs.dtype)
-        preds = np.empty((m, n), dtype=np.int64)
-        step = max(1, chunk_elements // max(1, n * c))
     for r in range(rounds):
         if metric == "logloss":
             goodness = np.log(np.maximum((running[None, :] + p_true) / (r + 1), _EPS)).mean(1)
         else:
-            # argmax of (running + P_m) / (r+1) == argmax of running + P_m
+            # argmax of (running + P_m) / (r+1) == argmax of running + P_m. Adding one member's
+            # probabilities (each in [0, 1]) cannot overturn a lead larger than 1, so rows with
+            # such a lead are decided for every candidate: only the others are re-scored.
+            if r == 0:
+                undecided = np.arange(n)
+                cm_decided = np.zeros((c, c), dtype=np.int64)
+            else:
+                top2 = np.partition(running, c - 2, axis=1)[:, c - 2:]
+                decided = (top2[:, 1] - top2[:, 0]) > 1.0 + 1e-4
+                undecided = np.flatnonzero(~decided)
+                cm_decided = _confusions(y[decided], running[decided].argmax(axis=1)[None], c)[0]
+            u = len(undecided)
+            y_u = y[undecided]
+            step = max(1, chunk_elements // max(1, u * c))
+            preds = np.empty((m, u), dtype=np.int64)
+            run_u = running[undecided]
             for s in range(0, m, step):
-                preds[s:s + step] = (running[None] + probs[s:s + step]).argmax(axis=2)
-            goodness = _decision_scores(metric, y, preds, c)
+                preds[s:s + step] = (run_u[None] + probs[s:s + step][:, undecided]).argmax(axis=2)
+            goodness = _scores_from_confusions(metric, _confusions(y_u, preds, c) + cm_decided[None])
         best = goodness.max()
         tied = np.flatnonzero(goodness == best)
         chosen = tied[counts[tied] > 0]
@@ -183,7 +198,7 @@ def scipy_weights(probs: np.ndarray, labels, prune: float = 1e-4) -> np.ndarray:
         w /= w.sum()
         blend = np.maximum(w @ p_true, _EPS)
         loss = -np.log(blend).mean()
-        g_w = -(p_true / blend).mean(axis=1)
+        g_w = -(p_true @ (1.0 / blend)) / n
         return loss, w * (g_w - w @ g_w)
 
     res = minimize(loss_and_grad, np.zeros(m), jac=True, method="L-BFGS-B",
