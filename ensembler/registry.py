@@ -633,7 +633,10 @@ class Registry:
         """
         from .models import _meta_state_shapes, check_state_dict, read_outside_checkpoint
 
+        from .models import check_arch
+
         path = Path(path)
+        check_arch(arch)
         ls = _label_space_for_import(num_classes, label_space)
         if family is None:
             family = _family_from_path(path)
