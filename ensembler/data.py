@@ -22,7 +22,8 @@ which Source a table came from. Built-in sources (:func:`load_source` detects th
 ``mask``
     The mask-competition layout. *Train*: ``root/images/<id>_<gender>_<race>_<age>/`` with
     exactly the seven images ``mask1..mask5``, ``incorrect_mask``, ``normal`` (any image
-    extension; ``root/train.csv`` is optional and not read: the folder names are the truth).
+    extension; ``root/train.csv`` is optional and not read: the folder names are the truth;
+    ``spec`` may also be the ``images/`` folder itself).
     mask1-5 -> wear (0), incorrect_mask -> incorrect (1), normal -> not wear (2); male 0,
     female 1; age band from ``age_bands`` (default 30,60: <30, 30-59, >=60). Class =
     ``mask*6 + gender*3 + age``, in ``LabelSpace.mask(age_bands)`` (factored: per-factor
@@ -40,6 +41,9 @@ which Source a table came from. Built-in sources (:func:`load_source` detects th
     scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), written once
     as 32x32 RGB PNGs (nearest-neighbour 4x upscale, ink bright on black) into a cache
     folder; classes ``"0".."9"``, id ``digit_00042``, one group per image.
+
+Every source lists rows in a fixed order (CSV / info.csv order; sorted paths otherwise) and
+checks that every image file exists; pixels are read later, by :func:`decode_image`.
 
 Image decoding (:func:`decode_image`) fails loudly: a missing, corrupt or truncated file, or
 one over Pillow's decompression-bomb limit, raises :class:`ImageDecodeError` naming it.
@@ -96,6 +100,14 @@ class SampleTable:
 
     ``label_space`` is None only for an unlabeled CSV manifest loaded without
     ``label_space=``: nothing in the data names its classes (the predicting model's do).
+
+    Examples
+    --------
+    >>> table = load_source("digits")  # doctest: +SKIP
+    >>> table.labeled, table.labels[:3]  # doctest: +SKIP
+    (True, array([0, 1, 2]))
+    >>> zeros = table.subset(table.labels == 0)  # doctest: +SKIP
+    >>> key = table.fingerprint()  # doctest: +SKIP
     """
 
     frame: pd.DataFrame
@@ -261,6 +273,15 @@ def decode_image(path: str | os.PathLike):
       16-bit and 32-bit integer / float greyscale are scaled to 8 bits (``I;16``: /257;
       ``I``/``F``: treated as 16-bit when any value exceeds 255); images with transparency
       (RGBA, LA, PA, P with a transparent colour) are composited over **white**.
+
+    Examples
+    --------
+    >>> img = decode_image("data/train/images/000001_female_Asian_45/mask1.jpg")  # doctest: +SKIP
+    >>> img.mode  # doctest: +SKIP
+    'RGB'
+    >>> decode_image("gone.jpg")  # doctest: +SKIP
+    Traceback (most recent call last):
+    ensembler.errors.ImageDecodeError: cannot decode image gone.jpg: file not found
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -346,7 +367,7 @@ def verify_images(paths: Iterable[str], workers: int | None = None, progress=Non
 
     failures = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        for res in pool.map(one, paths, chunksize=16):
+        for res in pool.map(one, paths):
             if res is not None:
                 failures.append(res)
             if progress is not None:
@@ -378,6 +399,24 @@ def load_source(spec, *, source: str | None = None, age_bands: Sequence[int] | N
         The classes labels must belong to (e.g. a trained model's); unknown labels are an error.
     cache_dir : path, optional
         ``digits`` only: the folder its PNGs go to (see :func:`digits_folder`).
+
+    Returns
+    -------
+    SampleTable
+
+    Raises
+    ------
+    DataError
+        Naming the file, line, id, folder or class at fault (see the module docstring).
+
+    Examples
+    --------
+    >>> table = load_source("digits")  # doctest: +SKIP
+    >>> len(table), table.label_space.num_classes, table.ids[0]  # doctest: +SKIP
+    (1797, 10, 'digit_00000')
+    >>> train = load_source("data/train", age_bands=(29, 58), label_fix="fix.csv")  # doctest: +SKIP
+    >>> train.label_space.factor_sizes  # doctest: +SKIP
+    (3, 2, 3)
     """
     spec_str = str(spec)
     kind = source or detect_source(spec_str)
@@ -403,17 +442,21 @@ def load_source(spec, *, source: str | None = None, age_bands: Sequence[int] | N
 
 def load_source_from_args(args) -> SampleTable:
     """:func:`load_source` from the flags of ``cli._common.add_data_args``
-    (``--data --source --age-bands --label-fix``; ``--cache-dir`` if a command adds one)."""
-    from .cli._common import parse_int_list
-
+    (``--data --source --age-bands --label-fix``); ``digits`` goes to the default cache."""
     spec = getattr(args, "data", None)
     if spec is None:
         raise DataError("--data is required (a CSV, an image folder, a mask folder, or 'digits')")
-    bands = parse_int_list(getattr(args, "age_bands", None), "--age-bands")
+    bands = getattr(args, "age_bands", None)
+    if isinstance(bands, str):
+        try:
+            bands = [int(b) for b in bands.split(",") if b.strip()]
+        except ValueError:
+            raise DataError(f"--age-bands expects two integers like 29,58, got {bands!r}") from None
     if bands is not None:
         bands = validate_age_bands(bands)
+    # Not args.cache_dir: commands use that flag for their own caches (``infer``'s logits).
     return load_source(spec, source=getattr(args, "source", None), age_bands=bands,
-                       label_fix=getattr(args, "label_fix", None), cache_dir=getattr(args, "cache_dir", None))
+                       label_fix=getattr(args, "label_fix", None))
 
 
 def detect_source(spec: str) -> str:
@@ -661,7 +704,9 @@ def load_image_folder(root: str | os.PathLike, *, label_space: LabelSpace | None
 
 # ---------------------------------------------------------------------- mask competition
 def _mask_layout(p: Path) -> str | None:
-    """``"eval"``, ``"train"`` or None for a folder."""
+    """``"eval"``, ``"train"`` or None for a folder (``p`` may be the tree's ``images/`` itself)."""
+    if p.name == "images" and not (p / "images").is_dir() and _mask_layout(p.parent) == "train":
+        return "train"
     images = p / "images"
     if not images.is_dir():
         return None
@@ -707,6 +752,8 @@ def load_mask(root: str | os.PathLike, *, age_bands: Sequence[int] | None = None
         kind = "eval"
     else:
         kind = _mask_layout(root)
+        if kind == "train" and not (root / "images").is_dir():  # given the images/ folder itself
+            root = root.parent
         info = root / "info.csv"
     if kind is None:
         raise DataError(
@@ -980,9 +1027,17 @@ def split_folds(table: SampleTable, k: int = 5, seed: int = 0) -> SampleTable:
     the labels and groups; the same table and seed give the same folds. The result is checked
     (:func:`check_folds`): every row in exactly one fold, no group in two folds, no empty fold.
 
-    Raises :class:`DataError` for an unlabeled table, ``k < 2`` or fewer groups than ``k``.
-    Warns (``UserWarning`` naming the class) when a class spans fewer than ``k`` groups: some
-    validation folds will then hold none of it.
+    Raises :class:`DataError` for an unlabeled table, ``k < 2``, fewer groups than ``k`` or
+    every class smaller than ``k`` (scikit-learn cannot stratify that). Warns once
+    (``UserWarning`` naming each class) when classes span fewer than ``k`` groups: some
+    validation folds will then hold none of them.
+
+    Examples
+    --------
+    >>> table = split_folds(load_source("digits"), k=5, seed=0)  # doctest: +SKIP
+    >>> np.bincount(table.folds)  # doctest: +SKIP
+    array([359, 360, 360, 359, 359])
+    >>> train, valid = table.fold_split(0)  # doctest: +SKIP
     """
     from sklearn.model_selection import StratifiedGroupKFold
 

@@ -82,6 +82,15 @@ def test_digits_cache_is_reused_and_deterministic(tmp_path, digits_cache):
     assert (a / "labels.csv").read_text() == (b / "labels.csv").read_text()
 
 
+def test_digits_from_args_ignores_a_commands_own_cache_dir(tmp_path, digits_cache):
+    logits = tmp_path / "logit-cache"
+    logits.mkdir()
+    (logits / "abc.npz").write_bytes(b"not digits")
+    args = argparse.Namespace(data="digits", source=None, age_bands=None, label_fix=None, cache_dir=str(logits))
+    t = load_source_from_args(args)
+    assert t.source["path"] == str(digits_cache) and [p.name for p in logits.iterdir()] == ["abc.npz"]
+
+
 def test_digits_crash_mid_write_leaves_no_cache(tmp_path, monkeypatch):
     import ensembler.data as data
 
@@ -339,6 +348,13 @@ def test_mask_train(mask_tree):
     # Factor indices recover mask/gender from the joint label (what per-factor models read).
     m, g, _ = ls.factor_indices(t.labels)
     assert (m == t.frame["mask"].to_numpy()).all() and (g == t.frame["gender"].to_numpy()).all()
+
+
+def test_mask_images_folder_itself_is_read_as_the_tree(mask_tree):
+    # Not an image-folder tree with one "class" per person.
+    assert detect_source(str(mask_tree / "images")) == "mask"
+    t = load_source(mask_tree / "images")
+    assert t.source["path"] == str(mask_tree) and len(t) == 84
 
 
 def test_mask_age_bands_move_a_58_year_old_to_old(tmp_path):
