@@ -1,0 +1,179 @@
+"""Engine benchmark: model-only vs engine end-to-end vs ttach vs the ONNX backend, side by side.
+
+One command::
+
+    python benchmarks/bench_engine.py [--quick] [--images 256] [--batch-size 16] [--tta flip]
+
+Writes real JPEGs (256x256; 128 of them, 32 with --quick) to a temp folder, registers ``resnet18`` and ``efficientnet_b0``
+(``pretrained=False``, 224 px, timm eval preprocessing) in a temp registry, then measures on
+the same images, one after another in this process:
+
+- ``model-only``: the model on random tensors already normalised, ``batch x views`` per forward
+  (no decode, no views, no merge): the ceiling;
+- ``engine``: ``predict_members`` end to end (decode in a DataLoader, normalise, views on the
+  device, forward, merge; cache off);
+- ``ttach``: ``ttach.ClassificationTTAWrapper`` with the same views and batch, fed by the
+  same DataLoader (same decode and workers), one forward per view;
+- ``engine-onnx``: ``predict_members(backend="onnx")`` (export done before timing).
+
+Prints a rich table, then one last line::
+
+    RATIOS e2e_over_model=… engine_over_ttach=… onnx_over_torch=…
+
+``e2e_over_model`` and ``engine_over_ttach`` are the lower of the two models (the worst
+case); ``onnx_over_torch`` is engine-onnx / engine (torch) for efficientnet_b0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("resnet18", "efficientnet_b0")
+
+
+def _write_jpegs(folder: Path, n: int, size: int = 256, seed: int = 0) -> list[str]:
+    """Smooth colour fields plus noise: JPEG sizes like photos, unlike pure noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    paths = []
+    for i in range(n):
+        a, b, c = rng.uniform(0, 255, 3)
+        base = np.stack([a * xx + (255 - a) * yy, b * yy, c * (1 - xx)], axis=-1)
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        path = folder / f"img{i:04d}.jpg"
+        Image.fromarray(img).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="32 images: a smoke run, noisy numbers")
+    parser.add_argument("--images", type=int, default=None, help="images to write (default 128; --quick 32)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tta", default="flip")
+    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1, max 4)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args(argv)
+
+    import pandas as pd
+    import torch
+    import ttach
+    from rich.console import Console
+    from rich.table import Table
+
+    from ensembler.data import SampleTable
+    from ensembler.infer import export_onnx, parse_tta, predict_members
+    from ensembler.infer.engine import TorchForward, _make_loader, _resolve_device, _resolve_precision
+    from ensembler.labels import LabelSpace
+    from ensembler.models import create_model
+    from ensembler.preprocess import Preprocess
+    from ensembler.registry import Registry
+
+    n_images = args.images or (32 if args.quick else 128)
+    workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
+    device = _resolve_device(args.device)
+    precision = _resolve_precision("auto", device, "torch")
+    plan = parse_tta(args.tta)
+    views, bs = len(plan), args.batch_size
+    ttach_transforms = {"none": ttach.Compose([]), "hflip": ttach.aliases.hflip_transform(),
+                        "flip": ttach.aliases.flip_transform(), "d4": ttach.aliases.d4_transform()}
+    if plan.spec not in ttach_transforms:
+        parser.error(f"--tta must be one of {sorted(ttach_transforms)} (ttach needs the same views)")
+    console = Console()
+    labels = LabelSpace.mask()
+    rows: list[tuple] = []
+    ratios: dict[str, dict[str, float]] = {}
+
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
+        tmp = Path(tmp)
+        paths = _write_jpegs(tmp / "images", n_images)
+        table = SampleTable(pd.DataFrame({"id": [f"i{i}" for i in range(n_images)], "path": paths,
+                                          "label": [0] * n_images, "group": [str(i) for i in range(n_images)]}),
+                            labels)
+        reg = Registry(tmp / "checkpoints")
+        console.print(f"[bold]bench_engine[/] {n_images} JPEGs 256x256 · TTA {plan.spec} ({views} views) · "
+                      f"batch {bs} · workers {workers} · device {device} ({precision}) · "
+                      f"torch threads {torch.get_num_threads()}", highlight=False)
+        for arch in [a.strip() for a in args.models.split(",") if a.strip()]:
+            torch.manual_seed(0)
+            pre = Preprocess.from_timm(arch, 224)
+            entry = reg.add(create_model(arch, label_space=labels), family=arch, fold=None, arch=arch,
+                            head="flat", label_space=labels, preprocess=pre)
+            model = reg.load_model(entry, device=str(device))
+            forward = TorchForward(model, device, precision)
+            common = dict(tta=plan, batch_size=bs, workers=workers, device=device, use_cache=False,
+                          progress=False, cache_dir=tmp / "cache")
+
+            def model_only():
+                x = torch.randn(bs * views, 3, *pre.input_size, device=device)
+                with torch.inference_mode():
+                    for _ in range(0, n_images, bs):
+                        forward(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            def engine(backend="torch"):
+                predict_members(table, arch, reg, backend=backend, **common)
+
+            wrapper = ttach.ClassificationTTAWrapper(model, ttach_transforms[plan.spec], merge_mode="mean")
+
+            def ttach_run():
+                loader = _make_loader(list(table.paths), pre, bs, workers, pin=device.type == "cuda")
+                with torch.inference_mode():
+                    for _, images, _ in loader:
+                        x = pre.normalize(images.to(device, non_blocking=True))
+                        wrapper(x).cpu()
+
+            # warm-up (allocator, oneDNN kernels, ORT session build is inside the engine run)
+            with torch.inference_mode():
+                forward(torch.randn(bs * views, 3, *pre.input_size, device=device))
+            console.print(f"  {arch}: exporting ONNX (parity-checked) ...", highlight=False)
+            exported = export_onnx(reg, entry.id)
+            timings = {}
+            for name, fn in (("model-only", model_only), ("engine", engine), ("ttach", ttach_run),
+                             ("engine-onnx", lambda: engine("onnx"))):
+                timings[name] = _timed(fn)
+                console.print(f"  {arch}: {name:<12} {n_images / timings[name]:7.1f} images/s", highlight=False)
+            ips = {k: n_images / v for k, v in timings.items()}
+            ratios[arch] = {"e2e_over_model": ips["engine"] / ips["model-only"],
+                            "engine_over_ttach": ips["engine"] / ips["ttach"],
+                            "onnx_over_torch": ips["engine-onnx"] / ips["engine"]}
+            for name in ("model-only", "engine", "ttach", "engine-onnx"):
+                rows.append((arch, name, ips[name], ips[name] / ips["model-only"]))
+            console.print(f"  {arch}: onnx parity max abs diff {exported.max_abs_diff:.2e}", highlight=False)
+
+    t = Table(title=f"engine throughput · {n_images} images · TTA {plan.spec} · batch {bs} · {device}")
+    for col in ("model", "path", "images/s", "x model-only"):
+        t.add_column(col, justify="left" if col in ("model", "path") else "right")
+    for arch, name, ips, rel in rows:
+        t.add_row(arch, name, f"{ips:.1f}", f"{rel:.2f}")
+    console.print(t)
+    for arch, r in ratios.items():
+        console.print(f"{arch}: " + " ".join(f"{k}={v:.2f}" for k, v in r.items()), highlight=False)
+    worst = {k: min(r[k] for r in ratios.values()) for k in ("e2e_over_model", "engine_over_ttach")}
+    onnx_ratio = ratios.get("efficientnet_b0", next(iter(ratios.values())))["onnx_over_torch"]
+    print(f"RATIOS e2e_over_model={worst['e2e_over_model']:.2f} engine_over_ttach={worst['engine_over_ttach']:.2f} "
+          f"onnx_over_torch={onnx_ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
