@@ -460,16 +460,24 @@ class Registry:
         """Change fields of an entry (metrics, oof, train_config, ...); returns the new entry.
 
         ``id``, ``sha256``, ``weights`` and ``created`` identify the stored weights and
-        cannot be changed.
+        cannot be changed. Names that are not Entry fields (e.g. ``onnx={...}`` recorded by
+        the ONNX exporter) are stored as extra keys of the entry and kept on every rewrite.
         """
-        allowed = {f.name for f in dataclasses.fields(Entry)} - set(_FROZEN_FIELDS) - {"extra"}
-        bad = sorted(set(fields) - allowed)
-        if bad:
-            raise RegistryError(f"cannot update {bad} of entry {entry_id!r}; updatable fields: {sorted(allowed)}")
+        import json
+
+        frozen = sorted(set(fields) & set(_FROZEN_FIELDS + ("extra",)))
+        if frozen:
+            raise RegistryError(
+                f"cannot update {frozen} of entry {entry_id!r}: they identify its stored weights")
         if "label_space" in fields and isinstance(fields["label_space"], LabelSpace):
             fields["label_space"] = fields["label_space"].to_dict()
         if "preprocess" in fields and isinstance(fields["preprocess"], Preprocess):
             fields["preprocess"] = fields["preprocess"].to_dict()
+        for name, value in fields.items():
+            try:
+                json.dumps(value, default=_json_value)
+            except TypeError as exc:
+                raise RegistryError(f"cannot store {name}={value!r} in entry {entry_id!r}: {exc}") from exc
         with self._locked():
             raw = self._read_raw()
             for i, d in enumerate(raw):
@@ -659,6 +667,15 @@ class Registry:
                         preprocess=pre, metrics=metrics, target=target,
                         train_config={"import": info}, entry_id=entry_id, overwrite=overwrite,
                         model_kwargs=model_kwargs, check=False)
+
+
+def _json_value(obj):
+    # What _io.write_json_atomic also accepts (numpy scalars and arrays, paths).
+    import numpy as np
+
+    if isinstance(obj, (np.integer, np.floating, np.ndarray, Path)):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def _default_model_kwargs(arch: str, pre: Preprocess) -> dict:

@@ -149,6 +149,13 @@ def test_queries_update_remove(tmp_path, monkeypatch):
     assert reg.get("r-fold0").metrics == {"val_macro_f1": 0.9} and updated.oof == "r/oof.npz"
     with pytest.raises(RegistryError, match=r"cannot update \['sha256'\]"):
         reg.update("r-fold0", sha256="0" * 64)
+    # names that are not Entry fields are kept as extra keys (e.g. the ONNX exporter's record)
+    reg.update("r-fold0", onnx={"file": "model.onnx", "opset": 18})
+    assert reg.get("r-fold0").extra == {"onnx": {"file": "model.onnx", "opset": 18}}
+    reg.update("r-fold0", metrics={"val_macro_f1": 0.9})
+    assert reg.get("r-fold0").to_dict()["onnx"]["opset"] == 18
+    with pytest.raises(RegistryError, match="cannot store bad="):
+        reg.update("r-fold0", bad=object())
     weights = reg.path(reg.get("s-fold0").weights)
     reg.remove("s-fold0")
     assert "s-fold0" not in reg and not weights.exists() and not (tmp_path / "s").exists()
