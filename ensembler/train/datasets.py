@@ -44,7 +44,6 @@ def train_transform(pre: Preprocess, augment: str):
     interp = getattr(T.InterpolationMode, pre.interpolation.upper())
     if augment == "standard":
         ops = [
-            T.PILToTensor(),
             T.RandomResizedCrop(pre.input_size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), interpolation=interp,
                                 antialias=True),
             T.RandomHorizontalFlip(),
@@ -52,14 +51,15 @@ def train_transform(pre: Preprocess, augment: str):
         ]
     elif augment == "light":
         ops = [
-            T.PILToTensor(),
             T.RandomResizedCrop(pre.input_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), interpolation=interp,
                                 antialias=True),
             T.RandomRotation(10, interpolation=T.InterpolationMode.BILINEAR),
         ]
     else:
         raise EnsemblerError(f"unknown augmentation {augment!r}; choose one of {list(AUGMENT_LEVELS)}")
-    return T.Compose(ops + [T.ToDtype(torch.uint8)])
+    # The ops run on the PIL image (PIL's resize/rotate are far cheaper per image than
+    # torch's affine-grid kernels on the CPU), then become a uint8 tensor.
+    return T.Compose(ops + [T.PILToTensor(), T.ToDtype(torch.uint8)])
 
 
 class ImageDataset(torch.utils.data.Dataset):

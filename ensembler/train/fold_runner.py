@@ -63,6 +63,7 @@ class FoldRunner:
         self.family = family
         self.fam_dir = Path(registry.family_dir(family))
         self.resume = resume
+        self._prepared: dict[int, torch.nn.Module] = {}
         self.device = resolve_device(config.device)
         self.amp_dtype, use_scaler, amp_note = resolve_amp(config.amp, self.device)
         self.use_scaler = use_scaler
@@ -96,6 +97,19 @@ class FoldRunner:
                             pretrained=self.config.pretrained, pretrained_path=self.config.pretrained_path,
                             **kwargs)
 
+    def _seeded_model(self, fold: int):
+        seed_everything(self.fold_seed(fold))
+        return self._model()
+
+    def prepare(self, folds) -> None:
+        """Build the first unfinished fold's model now, so that a missing pretrained download
+        (or any model error) fails before anything is written or trained."""
+        for fold in folds:
+            if self.resume and self._finished_entry(fold) is not None:
+                continue
+            self._prepared[fold] = self._seeded_model(fold)
+            return
+
     # ------------------------------------------------------------------ one fold
     def run(self, fold: int, callbacks: Callbacks | None = None):
         from .folds import FoldSummary
@@ -118,8 +132,10 @@ class FoldRunner:
                                len(hist.get("history", [])), bool(hist.get("stopped_early", False)),
                                train_idx, val_idx, skipped=True)
 
-        seed_everything(self.fold_seed(fold))
-        model = self._model().to(self.device)
+        model = self._prepared.pop(fold, None)
+        if model is None:
+            model = self._seeded_model(fold)
+        model = model.to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
 

@@ -216,12 +216,12 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
     family = resolve_family(registry, config, resume)
     fam_dir = Path(registry.family_dir(family))
     run_fold_ids = config.folds if config.folds is not None else list(range(config.k))
-    _check_or_write_run(fam_dir / "run.json", config, split, label_space, resume)
-
     from .fold_runner import FoldRunner
 
     runner = FoldRunner(split=split, targets=targets, label_space=label_space, config=config,
                         registry=registry, family=family, resume=resume)
+    runner.prepare(run_fold_ids)  # pretrained weights missing -> clean error, nothing written yet
+    _check_or_write_run(fam_dir / "run.json", config, split, label_space, resume)
     reporter = None
     if progress:
         from .progress import RichProgress
