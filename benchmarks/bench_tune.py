@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     ms = (5, 20) if args.quick else (5, 20, 50)
     ns = (5_000, 20_000) if args.quick else (5_000, 20_000, 100_000)
 
+    import scipy.optimize  # noqa: F401  - imported before timing, not inside the first scipy row
+
     console = Console()
     console.print(f"bench_tune: C={C}, {os.cpu_count()} CPU(s), numpy {np.__version__}")
     table = Table(title="tune-weights wall time (s): Caruana 50 rounds + scipy + class bias", title_justify="left")
