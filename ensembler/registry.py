@@ -581,23 +581,26 @@ class Registry:
         from .models import _meta_state_shapes, compare_state_dict
 
         entry = self.get(entry)
+        problems = []
+        if entry.oof and not self.path(entry.oof).is_file():
+            problems.append(f"OOF logits file of {entry.id!r} is missing: {self.path(entry.oof)}")
         try:
             state = self.load_state_dict(entry)
         except IntegrityError as exc:
-            return [str(exc)]
+            return problems + [str(exc)]
         try:
             expected = _meta_state_shapes(entry.arch, entry.labels, entry.head, entry.model_kwargs)
         except EnsemblerError as exc:
-            return [f"{self.path(entry.weights)} of {entry.id!r}: {exc}"]
+            return problems + [f"{self.path(entry.weights)} of {entry.id!r}: {exc}"]
         diff = compare_state_dict(state, expected)
         if not diff.ok:
-            return [f"weights file {self.path(entry.weights)} of {entry.id!r} does not match "
-                    f"{entry.arch} with a {entry.head} head: {diff.describe()}"]
-        return []
+            problems.append(f"weights file {self.path(entry.weights)} of {entry.id!r} does not match "
+                            f"{entry.arch} with a {entry.head} head: {diff.describe()}")
+        return problems
 
     def verify(self, ids: Iterable[str] | None = None) -> list[tuple[str, str]]:
         """Check every entry (or those in ``ids``): file exists, sha256, safetensors parses,
-        tensors finite, keys and shapes match the arch/head.
+        tensors finite, keys and shapes match the arch/head, and its OOF file (if any) exists.
 
         Returns
         -------

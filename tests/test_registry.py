@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from ensembler.registry import Entry, Registry
 
 ABC = LabelSpace(("a", "b", "c"))
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny(arch="test_resnet", num_classes=3, seed=0, **kw):
@@ -147,6 +145,9 @@ def test_queries_update_remove(tmp_path, monkeypatch):
         reg.get("q")
     updated = reg.update("r-fold0", metrics={"val_macro_f1": 0.9}, oof="r/oof.npz")
     assert reg.get("r-fold0").metrics == {"val_macro_f1": 0.9} and updated.oof == "r/oof.npz"
+    assert reg.verify() == [("r-fold0", f"OOF logits file of 'r-fold0' is missing: {tmp_path / 'r/oof.npz'}")]
+    (tmp_path / "r" / "oof.npz").write_bytes(b"")
+    assert reg.verify() == []
     with pytest.raises(RegistryError, match=r"cannot update \['sha256'\]"):
         reg.update("r-fold0", sha256="0" * 64)
     # names that are not Entry fields are kept as extra keys (e.g. the ONNX exporter's record)
@@ -306,39 +307,36 @@ def test_import_ema_needs_explicit_choice(tmp_path):
 
 
 # ---------------------------------------------------------------------------- concurrency, crashes
-_WRITER = textwrap.dedent("""
-    import sys, torch
-    from ensembler.registry import Registry
-    from ensembler import LabelSpace, Preprocess
-    root, family, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    sd = torch.load(sys.argv[4], weights_only=True)
+def _writer(root, family: str, n: int, sd_path) -> None:
+    """Add ``n`` entries (forever when n < 0) to the registry at ``root``: one writer process."""
+    torch.set_num_threads(1)
+    sd = torch.load(sd_path, weights_only=True)
     reg = Registry(root)
     pre = Preprocess.from_timm("test_resnet", 32)
-    ls = LabelSpace(("a", "b", "c"))
     i = 0
     while n < 0 or i < n:
-        reg.add(sd, family=family, fold=i, arch="test_resnet", head="flat", label_space=ls,
+        reg.add(sd, family=family, fold=i, arch="test_resnet", head="flat", label_space=ABC,
                 preprocess=pre, metrics={"i": i})
         i += 1
-""")
 
 
-def _writer(tmp_path, root, family, n, sd_path):
-    script = tmp_path / "writer.py"
-    script.write_text(_WRITER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(script), str(root), family, str(n), str(sd_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _start_writer(root, family, n, sd_path):
+    # fork: the child inherits the imported torch/timm, so the test costs the writes, not
+    # two interpreter start-ups. Each child is still its own process with its own file lock.
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_writer, args=(str(root), family, n, str(sd_path)), daemon=True)
+    proc.start()
+    return proc
 
 
 def test_two_processes_adding_50_entries_each_lose_nothing(tmp_path):
     sd_path = tmp_path / "sd.pt"
     torch.save(_tiny().state_dict(), sd_path)
     root = tmp_path / "reg"
-    procs = [_writer(tmp_path, root, fam, 50, sd_path) for fam in ("p0", "p1")]
+    procs = [_start_writer(root, fam, 50, sd_path) for fam in ("p0", "p1")]
     for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()
+        p.join(timeout=300)
+        assert p.exitcode == 0, f"writer exited with {p.exitcode}"
     reg = Registry(root)
     entries = reg.entries()
     assert len(entries) == 100
@@ -350,24 +348,29 @@ def test_writer_killed_mid_write_leaves_a_loadable_registry(tmp_path):
     sd_path = tmp_path / "sd.pt"
     torch.save(_tiny().state_dict(), sd_path)
     root = tmp_path / "reg"
-    proc = _writer(tmp_path, root, "k", -1, sd_path)  # writes forever
-    try:
-        deadline = time.monotonic() + 120
-        while len(Registry(root)) < 5:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "writer made no progress"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    reg = Registry(root)
-    entries = reg.entries()
-    assert len(entries) >= 5
-    # every indexed entry is sound; at most a just-written weights file can be unindexed
-    assert reg.verify() == []
+    rng = random.Random(0)
+    count = 0
+    for round_ in range(3):  # kill at a few different points of the write cycle
+        proc = _start_writer(root, f"k{round_}", -1, sd_path)  # writes until killed
+        try:
+            deadline = time.monotonic() + 120
+            while len(Registry(root)) < count + 3:
+                assert proc.is_alive(), f"writer died with {proc.exitcode}"
+                assert time.monotonic() < deadline, "writer made no progress"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.03))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
+        reg = Registry(root)
+        entries = reg.entries()
+        assert len(entries) >= count + 3
+        count = len(entries)
+        # every indexed entry is sound; at most a just-written weights file is not yet indexed
+        assert reg.verify() == []
     # the lock died with the writer: a new writer gets it at once
     _add(reg, family="after", fold=0)
-    assert len(reg) == len(entries) + 1
+    assert len(reg) == count + 1
 
 
 def test_exception_inside_index_write_keeps_previous_entries(tmp_path, monkeypatch):
