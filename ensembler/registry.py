@@ -654,22 +654,43 @@ class Registry:
         pre = Preprocess.from_timm(arch, img_size)
         model_kwargs = _default_model_kwargs(arch, pre)
         outside = read_outside_checkpoint(path, use_ema=use_ema)
-        state = outside.state_dict
-        # Old checkpoints lack BatchNorm's num_batches_tracked counters; eval never reads them.
         import torch
 
-        for key, shape in _meta_state_shapes(arch, ls, head, model_kwargs).items():
+        expected = _meta_state_shapes(arch, ls, head, model_kwargs)
+        state, dropped = _select_model_keys(outside.state_dict, expected)
+        # Old checkpoints lack BatchNorm's num_batches_tracked counters; eval never reads them.
+        for key, shape in expected.items():
             if key.endswith("num_batches_tracked") and key not in state and shape == ():
                 state[key] = torch.tensor(0, dtype=torch.long)
         check_state_dict(state, arch, label_space=ls, head=head, source=f"checkpoint {path}",
                          model_kwargs=model_kwargs)
         info = outside.describe()
+        if dropped:
+            info["dropped_keys"] = dropped
         info["path"] = str(path.resolve())
         info["sha256"] = sha256_file(path)
         return self.add(state, family=family, fold=fold, arch=arch, head=head, label_space=ls,
                         preprocess=pre, metrics=metrics, target=target,
                         train_config={"import": info}, entry_id=entry_id, overwrite=overwrite,
                         model_kwargs=model_kwargs, check=False)
+
+
+def _select_model_keys(state: dict, expected: Mapping[str, tuple]) -> tuple[dict, list[str]]:
+    """A Lightning module's state dict holds the network under ``model.`` next to other
+    modules (``criterion.weight``, ``ema.*``, metric buffers). When stripping one wrapper
+    prefix from the keys that carry it gives exactly the architecture's keys, keep those and
+    report the rest as dropped; otherwise return ``state`` unchanged (the key check will list
+    every difference)."""
+    from .models import _WRAPPER_PREFIXES
+
+    if set(state) == set(expected):
+        return state, []
+    for prefix in _WRAPPER_PREFIXES:
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        core = {k for k in expected if not k.endswith("num_batches_tracked")}
+        if inner and core <= set(inner) <= set(expected):
+            return inner, sorted(k for k in state if not k.startswith(prefix))
+    return state, []
 
 
 def _json_value(obj):

@@ -296,6 +296,19 @@ def test_import_refuses_code_running_pickle(tmp_path):
     assert reg.entries() == []
 
 
+def test_import_lightning_module_keeps_only_the_network(tmp_path):
+    original = _tiny(seed=3)
+    sd = {"model." + k: v for k, v in original.state_dict().items()}
+    sd["criterion.weight"] = torch.ones(3)
+    del sd["model.bn1.num_batches_tracked"]  # old checkpoints lack these counters
+    torch.save({"state_dict": sd, "epoch": 9, "global_step": 90}, tmp_path / "epoch=9.ckpt")
+    reg = Registry(tmp_path / "reg")
+    e = reg.import_checkpoint(tmp_path / "epoch=9.ckpt", arch="test_resnet", num_classes=3)
+    assert e.family == "epoch-9" and e.train_config["import"]["dropped_keys"] == ["criterion.weight"]
+    with torch.no_grad():
+        assert torch.equal(reg.load_model(e)(X32), original(X32))
+
+
 def test_import_ema_needs_explicit_choice(tmp_path):
     torch.save({"state_dict": _tiny(seed=0).state_dict(), "state_dict_ema": _tiny(seed=1).state_dict()},
                tmp_path / "ema.pth.tar")
