@@ -28,6 +28,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    """The digits PNGs, written once for this module."""
+    from ensembler.data import digits_folder
+
+    return digits_folder(tmp_path_factory.mktemp("cache") / "digits")
+
+
 def digits_subset(cache_dir, n=450, seed=0):
     table = load_source("digits", cache_dir=cache_dir)
     rng = np.random.default_rng(seed)
@@ -43,10 +51,10 @@ def tiny_config(**kw):
 
 # ---------------------------------------------------------------------------- digits, k=3
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
+def digits_run(tmp_path_factory, digits_cache):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("digits_run")
-    table = digits_subset(root / "cache" / "digits")
+    table = digits_subset(digits_cache)
     registry = Registry(root / "registry")
     result = train_folds(table, tiny_config(epochs=2), registry, progress=False)
     return table, registry, result
@@ -168,8 +176,8 @@ def test_target_trains_a_one_factor_model(tmp_path):
         np.testing.assert_array_equal(z["labels"], expected[[pos[i] for i in z["ids"]]])
 
 
-def test_target_on_flat_data_is_a_clear_error(tmp_path):
-    table = digits_subset(tmp_path / "cache" / "digits", n=60)
+def test_target_on_flat_data_is_a_clear_error(tmp_path, digits_cache):
+    table = digits_subset(digits_cache, n=60)
     with pytest.raises(DataError, match="--target age needs a factored label space"):
         train_folds(table, tiny_config(target="age"), Registry(tmp_path / "reg"), progress=False)
     assert not (tmp_path / "reg").exists()
@@ -192,7 +200,7 @@ def test_existing_family_needs_resume(digits_run, tmp_path):
         train_folds(table, tiny_config(family=result.family), registry, progress=False)
 
 
-def test_cli_pretrained_offline_fails_before_training(digits_run, tmp_path, monkeypatch, capsys):
+def test_cli_pretrained_offline_fails_before_training(digits_cache, tmp_path, monkeypatch, capsys):
     # No hub here: make timm's download fail at once (as it does offline, after retries).
     import timm
 
@@ -204,7 +212,7 @@ def test_cli_pretrained_offline_fails_before_training(digits_run, tmp_path, monk
         return real(name, pretrained=pretrained, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    monkeypatch.setenv("ENSEMBLER_CACHE", str(digits_run[1].root.parent / "cache"))
+    monkeypatch.setenv("ENSEMBLER_CACHE", str(digits_cache.parent))
     from ensembler.cli import main
 
     reg = tmp_path / "reg"
@@ -277,3 +285,19 @@ def test_loop_early_stops_and_keeps_best(tmp_path):
     assert len(out.history) - out.best_epoch == 2
     best = min(r.val_loss for r in out.history)
     assert out.best_record.val_loss == best
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_stops_training_and_names_the_file(tmp_path, workers, digits_cache):
+    table = digits_subset(digits_cache, n=60)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    frame = table.frame.copy()
+    frame.loc[5, "path"] = str(bad)
+    from ensembler.data import SampleTable
+
+    table = SampleTable(frame, table.label_space, table.source)
+    with pytest.raises(DataError, match="broken.png") as info:
+        train_folds(table, tiny_config(k=2, workers=workers), Registry(tmp_path / "reg"), progress=False)
+    assert "Traceback" not in str(info.value)
+    assert not (tmp_path / "reg" / "registry.json").exists()

@@ -23,9 +23,10 @@ MONITORS = ("f1", "acc", "loss")
 TARGETS = ("mask", "gender", "age")
 AUGMENTS = ("auto", "standard", "light", "none")
 
-# Fields that must not change between an interrupted run and its --resume: they change
-# which images land in which fold, the label space, or the model's shape.
-RESUME_KEYS = ("arch", "k", "seed", "head", "target", "img_size", "pretrained")
+# Fields that may differ between an interrupted run and its --resume (which folds to run
+# now, where, how fast). Every other field must match: --resume continues the same run, and
+# a changed learning rate, loss or epoch count would silently make a different one.
+RESUME_FREE_KEYS = ("folds", "family", "workers", "device", "amp", "channels_last", "extra")
 
 
 @dataclass

@@ -83,9 +83,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         from ..data import decode_image
+        from ..errors import DataError, ImageDecodeError
 
-        image = self.transform(decode_image(self.paths[i]))
-        return image, int(self.targets[i])
+        try:
+            image = decode_image(self.paths[i])
+        except ImageDecodeError as exc:
+            # DataError takes one argument, so a DataLoader worker can re-raise it in the
+            # main process (ImageDecodeError's two-argument constructor would become a
+            # RuntimeError there). Never skipped: a bad image stops training, named.
+            raise DataError(str(exc)) from None
+        return self.transform(image), int(self.targets[i])
 
 
 def seed_worker(worker_id: int) -> None:

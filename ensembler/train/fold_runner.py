@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._io import save_npz_atomic, write_json_atomic
-from ..errors import EnsemblerError
+from ..errors import DataError, EnsemblerError
 from ..labels import LabelSpace
 from ..preprocess import Preprocess
 from .config import TrainConfig
@@ -170,11 +170,15 @@ class FoldRunner:
         if state_path.exists() and not self.resume:
             # A fresh run never silently continues (or overwrites) someone's interrupted fold.
             raise EnsemblerError(f"{state_path} exists from an interrupted run: pass --resume to continue it")
-        outcome = run_fold(
-            model, train_loader, val_loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-            scaler=scaler, settings=settings, device=self.device, normalize=self.preprocess.normalize,
-            to_logits=lambda out: joint_logits(out, head, space), train_generator=generator, callbacks=callbacks,
-        )
+        try:
+            outcome = run_fold(
+                model, train_loader, val_loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                scaler=scaler, settings=settings, device=self.device, normalize=self.preprocess.normalize,
+                to_logits=lambda out: joint_logits(out, head, space), train_generator=generator,
+                callbacks=callbacks,
+            )
+        except DataError as exc:
+            raise DataError(f"fold {fold}: {_worker_message(exc)}") from None
         best = outcome.best_record
 
         # Order matters for crash safety: logits first, then the registry entry (what marks
@@ -199,3 +203,13 @@ class FoldRunner:
             state_path.unlink(missing_ok=True)
         return FoldSummary(fold, entry.id, outcome.best_epoch, best.val_f1, best.val_acc, best.val_loss,
                            len(outcome.history), outcome.stopped_early, train_idx, val_idx)
+
+
+def _worker_message(exc: Exception) -> str:
+    """The original message of an error re-raised from a DataLoader worker (torch prefixes
+    it with 'Caught ... in DataLoader worker' and the worker's traceback)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.startswith("ensembler.errors.") and ": " in last else last

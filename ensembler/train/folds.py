@@ -30,7 +30,7 @@ from .._io import save_npz_atomic, sha256_bytes, write_json_atomic
 from ..errors import DataError, EnsemblerError, LogitError
 from ..labels import LabelSpace
 from ..metrics import accuracy, macro_f1
-from .config import RESUME_KEYS, TrainConfig
+from .config import RESUME_FREE_KEYS, TrainConfig
 from .curves import plot_learning_curves, write_metrics_csv
 from .loop import EpochRecord
 
@@ -156,7 +156,8 @@ def _check_or_write_run(path: Path, config: TrainConfig, table, label_space: Lab
     }
     if resume and path.is_file():
         old = json.loads(path.read_text())
-        diffs = [k for k in RESUME_KEYS if old["config"].get(k) != record["config"].get(k)]
+        keys = sorted((set(old["config"]) | set(record["config"])) - set(RESUME_FREE_KEYS))
+        diffs = [k for k in keys if old["config"].get(k) != record["config"].get(k)]
         if diffs:
             shown = ", ".join(f"{k}: {old['config'].get(k)!r} -> {record['config'].get(k)!r}" for k in diffs)
             raise EnsemblerError(f"--resume of {path.parent.name}: the run was started with other settings ({shown})")
@@ -165,7 +166,6 @@ def _check_or_write_run(path: Path, config: TrainConfig, table, label_space: Lab
                 f"--resume of {path.parent.name}: the data or its fold split changed since the run started "
                 f"({old.get('rows')} -> {record['rows']} rows); start a new family"
             )
-        record["config"] = {**old["config"], **{k: record["config"][k] for k in ("epochs", "patience", "folds")}}
     write_json_atomic(path, record)
 
 
@@ -228,10 +228,13 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
 
         reporter = RichProgress(console=console, total_folds=len(run_fold_ids))
     previous_det = torch.are_deterministic_algorithms_enabled()
+    previous_bench = torch.backends.cudnn.benchmark
     summaries: list[FoldSummary] = []
     try:
         if config.deterministic:
+            # Only for this run; restored below (no global flags at import or after return).
             torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         if reporter is not None:
             reporter.__enter__()
             for note in runner.notes:
@@ -245,6 +248,7 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
         if reporter is not None:
             reporter.__exit__(None, None, None)
         torch.use_deterministic_algorithms(previous_det)
+        torch.backends.cudnn.benchmark = previous_bench
 
     oof = assemble_oof(split, targets, label_space, fam_dir, config.k, family=family)
     for entry in _family_entries(registry, family):
