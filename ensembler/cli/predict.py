@@ -1,7 +1,182 @@
-"""`ensembler` commands of this group (see ensembler/cli/__init__.py)."""
+"""`ensembler predict` and `ensembler evaluate`: submissions with a ledger, and metrics of any logits.
+
+Parsing and printing only; the work is :func:`ensembler.predict.predict` and
+:func:`ensembler.predict.evaluate`.
+"""
 
 from __future__ import annotations
 
+import os
+
+from ..errors import EnsemblerError
+from ._common import add_data_args, add_registry_arg, console, err_console, parse_float_list
+
+VOTES = ("hard", "soft", "weighted", "gmean", "logits")
+
+
+def _default_workers() -> int:
+    # One decode process per spare core (the main process runs the models), at most 4.
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _add_engine_args(p) -> None:
+    p.add_argument("--tta", default="none", metavar="PLAN",
+                   help="TTA plan: none, hflip, vflip, flip, d4, center-crop=S, five-crop=S, ten-crop=S, "
+                        "scales=0.9,1,1.1; combine with '+' (default none)")
+    p.add_argument("--merge", default="mean-logits", metavar="RULE",
+                   help="merge over TTA views: mean-logits (default), mean-probs, gmean-probs, max-probs")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="force a forward pass instead of reusing cached logits")
+    p.add_argument("--cache-dir", default=None, metavar="PATH",
+                   help="logit cache (default $ENSEMBLER_CACHE/logits or <registry>/../.ensembler_cache/logits)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help=f"decode processes (default {_default_workers()})")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+
 
 def register(sub) -> None:
-    """Add this group's commands to the top-level parser (none yet)."""
+    """Add ``predict`` and ``evaluate`` to the top-level parser."""
+    p = sub.add_parser(
+        "predict", help="run members, vote (or apply a recipe), write a submission and a ledger row",
+        description="Run registry members over --data (cached logits are reused), combine them with a vote or a "
+                    "tuned recipe, write the submission CSV (mask eval data: its info.csv with 'ans' filled; else "
+                    "id,label,class_name) and append a row to ledger.jsonl beside it. A submission identical to an "
+                    "earlier one is reported.")
+    add_data_args(p)
+    add_registry_arg(p)
+    p.add_argument("--members", default="all", metavar="all|NAMES",
+                   help="'all', or comma-separated family names / checkpoint ids; 'a+b+c' composes per-factor "
+                        "members into the joint space (default all; ignored with --recipe)")
+    p.add_argument("--vote", choices=VOTES, default="soft",
+                   help="hard (ties to the smallest class), soft, weighted (needs --weights), gmean, logits")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member, in --members order")
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="recipe JSON from tune-weights: its members, temperatures, weights and class biases")
+    _add_engine_args(p)
+    p.add_argument("--out", required=True, metavar="CSV", help="submission file, e.g. submissions/soft.csv")
+    p.add_argument("--probs", action="store_true", help="add prob_<class> columns (not for the mask eval layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing submission with different content")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "evaluate", help="macro-F1, accuracy, per-class table and confusion matrix of logits or an ensemble",
+        description="Score a logits file (an OOF file, or `ensembler infer` output) or a recipe / members run "
+                    "over labeled --data: macro-F1, accuracy, log-loss, a per-class precision/recall/F1 table and "
+                    "a confusion-matrix PNG.")
+    add_data_args(p, required=False)
+    add_registry_arg(p)
+    p.add_argument("--logits", default=None, metavar="FILE",
+                   help="an .npz with ids + logits (an OOF file: its own labels are used when --data is absent) or "
+                        "`ensembler infer` output (its members are combined with --vote)")
+    p.add_argument("--recipe", default=None, metavar="FILE", help="run a recipe over labeled --data")
+    p.add_argument("--members", default=None, metavar="all|NAMES",
+                   help="without --logits: run these registry members over labeled --data and combine them with "
+                        "--vote; with --logits of `ensembler infer` output: the members to use (default all)")
+    p.add_argument("--vote", choices=VOTES, default="soft", help="how several members are combined (default soft)")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member")
+    _add_engine_args(p)
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix there (default: none)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _load_table(args):
+    from ..data import load_source_from_args
+
+    return load_source_from_args(args)
+
+
+def cmd_predict(args) -> int:
+    from rich.table import Table
+
+    from ..predict import predict
+
+    weights = parse_float_list(args.weights, "--weights")
+    if args.recipe and args.members != "all":
+        err_console().print("[yellow]note:[/] --members is ignored with --recipe: the recipe decides which "
+                            "models run")
+    table = _load_table(args)
+    res = predict(table, args.registry, members=args.members, vote=args.vote, weights=weights, recipe=args.recipe,
+                  tta=args.tta, merge=args.merge, backend=args.backend, out=args.out, with_probs=args.probs,
+                  overwrite=args.overwrite, use_cache=args.use_cache, batch_size=args.batch_size,
+                  workers=_default_workers() if args.workers is None else args.workers, device=args.device,
+                  cache_dir=args.cache_dir, progress=True)
+    sub = res.submission
+    con = console()
+    t = Table(title=f"predict · {len(res.ids)} images · vote {res.vote} · TTA {res.inputs['tta']} "
+                    f"({res.inputs['merge']}) · {res.inputs['backend']}", title_justify="left")
+    for col, just in (("member", "left"), ("weight", "right"), ("checkpoints", "right"), ("sha256", "left"),
+                      ("cached", "left")):
+        t.add_column(col, justify=just)
+    weights_used = res.weights or [None] * len(res.members)
+    for rec, w in zip(res.inputs["members"], weights_used):
+        atoms = rec.get("parts") or [rec["name"]]
+        cached = all(res.member_logits[a].meta.get("cached") for a in atoms)
+        t.add_row(rec["name"], "" if w is None else f"{w:.3f}", str(len(rec["checkpoints"])),
+                  ", ".join(c["sha256"][:10] for c in rec["checkpoints"][:3])
+                  + (" …" if len(rec["checkpoints"]) > 3 else ""),
+                  "yes" if cached else "no")
+    con.print(t)
+    counts = {}
+    for p in res.pred.tolist():
+        counts[p] = counts.get(p, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    con.print("predicted classes (top 5): " + ", ".join(f"{res.label_space.classes[k]}={n}" for k, n in top),
+              highlight=False)
+    if res.recipe_hash:
+        con.print(f"recipe: {args.recipe} (hash {res.recipe_hash[:12]})", highlight=False)
+    if res.tie_rate is not None:
+        con.print(f"hard-vote ties: {res.tie_rate:.1%} of rows (broken to the smallest class index)", highlight=False)
+    con.print(f"submission: [bold]{sub.path}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)", highlight=False)
+    con.print(f"ledger: {sub.ledger}", highlight=False)
+    msg = sub.repeat_message()
+    if msg:
+        con.print(f"[bold yellow]identical submission already exists:[/] {msg}", highlight=False)
+    return 0
+
+
+def _fmt(x, digits=4):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def cmd_evaluate(args) -> int:
+    from rich.table import Table
+
+    from ..predict import evaluate
+
+    weights = parse_float_list(args.weights, "--weights")
+    if sum(x is not None for x in (args.logits, args.recipe)) + (args.members is not None and not args.logits) != 1:
+        raise EnsemblerError("evaluate needs exactly one of --logits FILE, --recipe FILE or --members NAMES")
+    table = _load_table(args) if args.data else None
+    if args.logits is None and table is None:
+        raise EnsemblerError("--recipe/--members need labeled --data to score against")
+    members = args.members
+    res = evaluate(table, args.registry, logits=args.logits, recipe=args.recipe, members=members, vote=args.vote,
+                   weights=weights, tta=args.tta, merge=args.merge, backend=args.backend, plot=args.plot,
+                   use_cache=args.use_cache, batch_size=args.batch_size,
+                   workers=_default_workers() if args.workers is None else args.workers, device=args.device,
+                   cache_dir=args.cache_dir, progress=True)
+    con = console()
+    con.print(f"[bold]{res.name}[/] on {res.rows} rows: macro-F1 [bold]{res.f1:.4f}[/], accuracy {res.acc:.4f}"
+              + (f", log-loss {res.logloss:.4f}" if res.logloss is not None else ""), highlight=False)
+    if res.tie_rate is not None:
+        con.print(f"hard-vote ties: {res.tie_rate:.1%} of rows (broken to the smallest class index)", highlight=False)
+    if res.member_scores:
+        mt = Table(title="each member alone", title_justify="left")
+        for col in ("member", "macro-F1", "acc", "log-loss"):
+            mt.add_column(col, justify="left" if col == "member" else "right")
+        for name, s in res.member_scores.items():
+            mt.add_row(name, _fmt(s["f1"]), _fmt(s["acc"]), _fmt(s["logloss"]))
+        mt.add_row(f"ensemble ({args.vote if not args.recipe else 'recipe'})", _fmt(res.f1), _fmt(res.acc),
+                   _fmt(res.logloss), style="bold")
+        con.print(mt)
+    t = Table(title="per class", title_justify="left")
+    for col in ("class", "precision", "recall", "F1", "support", "predicted"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for r in res.per_class:
+        t.add_row(r["class"], _fmt(r["precision"], 3), _fmt(r["recall"], 3), _fmt(r["f1"], 3), str(r["support"]),
+                  str(r["predicted"]))
+    con.print(t)
+    if res.plot is not None:
+        con.print(f"confusion matrix: {res.plot}", highlight=False)
+    return 0

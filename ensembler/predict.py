@@ -1,0 +1,699 @@
+"""Predict and evaluate: engine -> vote or recipe -> submission + ledger; metrics of any logits.
+
+:func:`predict` is what ``ensembler predict`` runs:
+
+1. decide which models run: the recipe's active members (weight > 0; a composed member runs
+   its per-factor parts), or the ``members`` asked for (``"all"``, family names, checkpoint
+   ids, ``a+b+c`` compositions of per-factor members);
+2. run them through the engine (:func:`ensembler.infer.predict_members`), which serves
+   every checkpoint already in the logit cache with no forward pass;
+3. combine: :meth:`Recipe.apply` (temperatures, weights, class biases) or
+   :func:`ensembler.ensemble.vote` (``hard``, ``soft``, ``weighted``, ``gmean``, ``logits``);
+   the hard vote's tie rate is reported (ties go to the smallest class index);
+4. write the submission and append a ledger row (:func:`ensembler.submit.write_submission`)
+   recording the recipe hash, every checkpoint with its sha256, the TTA plan, merge rule,
+   vote, backend and the data fingerprint; an earlier identical submission is reported.
+
+:func:`evaluate` scores a prediction against labels: macro-F1, accuracy, log-loss (when
+there are probabilities), per-class precision/recall/F1/support, the confusion matrix and
+its PNG. It takes a logits file (an OOF file, or ``ensembler infer`` output), or runs a
+recipe/members over labeled data through :func:`predict`.
+
+Nothing is written until every input has been validated, so a bad recipe, member or
+logits file leaves no partial submission, ledger row or plot behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import DataError, EnsemblerError, LogitError
+from .labels import LabelSpace
+
+__all__ = ["PredictionResult", "EvaluationResult", "predict", "evaluate", "load_logits_file",
+           "plot_confusion_matrix", "per_class_table"]
+
+COMPOSE_SEP = "+"
+
+
+# ============================================================================ results
+@dataclass
+class PredictionResult:
+    """What :func:`predict` produced.
+
+    Attributes
+    ----------
+    ids : ndarray (N,) of str
+        Sample ids, in the table's row order.
+    pred : ndarray (N,) int64
+        Predicted class indices.
+    probs : ndarray (N, C) float64
+        Blended probabilities (the hard vote: each class's weighted share of the votes).
+    label_space : LabelSpace
+    vote : str
+        The vote rule used (the recipe's when a recipe was given).
+    members : list of str
+        The ensemble's members in voting order (composed members as ``a+b+c``).
+    weights : list of float or None
+    member_logits : dict name -> MemberLogits
+        What the engine returned for every model that ran (factor parts included).
+    tie_rate : float or None
+        Hard votes only: fraction of rows whose top vote count was shared.
+    recipe_hash : str or None
+    member_parts : dict name -> list of str
+        Composed members' per-factor parts.
+    inputs : dict
+        What the ledger records about how the prediction was made.
+    submission : SubmissionResult or None
+        Set when ``out`` was given.
+    """
+
+    ids: np.ndarray
+    pred: np.ndarray
+    probs: np.ndarray
+    label_space: LabelSpace
+    vote: str
+    members: list[str]
+    weights: list[float] | None
+    member_logits: dict
+    tie_rate: float | None
+    recipe_hash: str | None
+    inputs: dict
+    member_parts: dict = field(default_factory=dict)
+    table: Any = None
+    submission: Any = None
+
+    @property
+    def cached(self) -> bool:
+        """True when no model forward ran (every member came from the logit cache)."""
+        return all(m.meta.get("cached") for m in self.member_logits.values())
+
+    def repeat_message(self) -> str | None:
+        """The ledger's note about an earlier identical submission, or None."""
+        return None if self.submission is None else self.submission.repeat_message()
+
+
+@dataclass
+class EvaluationResult:
+    """Scores of one prediction against labels (see :func:`evaluate`).
+
+    Attributes
+    ----------
+    name : str
+        What was scored (a file, a recipe, a vote over members).
+    f1, acc : float
+        Macro-F1 over all classes (absent classes count as 0, as scikit-learn with
+        ``labels=range(C)``) and accuracy.
+    logloss : float or None
+        When probabilities/logits were available (not for the hard vote).
+    per_class : list of dict
+        ``{"class", "precision", "recall", "f1", "support", "predicted"}`` per class.
+    confusion : ndarray (C, C)
+        Rows true class, columns predicted class.
+    classes : list of str
+    rows : int
+    plot : Path or None
+        The confusion-matrix PNG, when asked for.
+    member_scores : dict name -> {"f1", "acc", "logloss"}
+        Each member alone (when the prediction was a vote over several).
+    tie_rate : float or None
+    """
+
+    name: str
+    f1: float
+    acc: float
+    logloss: float | None
+    per_class: list[dict]
+    confusion: np.ndarray
+    classes: list[str]
+    rows: int
+    plot: Path | None = None
+    member_scores: dict = field(default_factory=dict)
+    tie_rate: float | None = None
+
+
+# ============================================================================ predict
+def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote: str = "soft",
+            weights: Sequence[float] | None = None, recipe=None, tta: str = "none", merge: str = "mean-logits",
+            backend: str = "torch", out: str | os.PathLike | None = None, with_probs: bool = False,
+            overwrite: bool = False, use_cache: bool = True, batch_size: int = 32, workers: int = 0,
+            device: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+            ledger: str | os.PathLike | None = None) -> PredictionResult:
+    """Run registry members over a table, combine them, and optionally write a submission.
+
+    Parameters
+    ----------
+    table : SampleTable
+        The images to predict (labels are not needed).
+    registry : Registry, str or Path, optional
+        Default ``Registry()`` (``$ENSEMBLER_REGISTRY`` or ``./checkpoints``).
+    members : "all", str or list of str
+        Family names (mean over the family's folds), checkpoint ids, or ``a+b+c``
+        compositions of per-factor members into the joint space. Comma-separated in one
+        string is fine. Ignored when ``recipe`` is given (the recipe decides).
+    vote : {"hard", "soft", "weighted", "gmean", "logits"}
+        Ignored when ``recipe`` is given (the recipe's rule is used).
+    weights : sequence of float, optional
+        One non-negative weight per member (``weighted`` needs them).
+    recipe : Recipe, str or Path, optional
+        A recipe from ``tune-weights``: only its members with weight > 0 run; their
+        temperatures, weights and class biases are applied. The sha256 it recorded for a
+        member must match the registry's weights.
+    tta, merge : str
+        TTA plan and the merge rule over views (see :func:`ensembler.infer.parse_tta`).
+    backend : {"torch", "onnx"}
+    out : path, optional
+        Submission CSV to write; a ``ledger.jsonl`` row is appended beside it. An existing
+        file with different content is kept unless ``overwrite=True``.
+    with_probs : bool
+        Add ``prob_<class>`` columns (not for the mask-eval layout, whose format is fixed).
+    use_cache : bool
+        Reuse cached logits (``False`` forces a forward pass).
+    batch_size, workers, device, cache_dir, progress
+        Passed to the engine.
+    ledger : path, optional
+        Default ``<folder of out>/ledger.jsonl``.
+
+    Returns
+    -------
+    PredictionResult
+
+    Raises
+    ------
+    EnsemblerError
+        Unknown members, a recipe that does not fit the registry, class maps that differ,
+        bad weights, an existing different submission without ``overwrite``. Nothing is
+        written in that case.
+
+    Examples
+    --------
+    >>> from ensembler.data import load_source
+    >>> res = predict(load_source("eval/"), "checkpoints", recipe="recipe.json", tta="hflip",
+    ...               out="submissions/tuned.csv")  # doctest: +SKIP
+    >>> res.submission.path, res.repeat_message()  # doctest: +SKIP
+    """
+    from .ensemble import Recipe, vote as vote_fn
+    from .ensemble.voting import VOTE_RULES
+    from .infer import parse_tta, predict_members
+    from .infer.tta import check_merge
+
+    registry = _as_registry(registry)
+    plan = parse_tta(tta)  # a bad plan fails before any model loads
+    merge = check_merge(merge)
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = Recipe.load(recipe)
+    if recipe is None and vote not in VOTE_RULES:
+        raise EnsemblerError(f"--vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
+    if out is not None:
+        out = Path(out)
+        if out.exists() and out.is_dir():
+            raise EnsemblerError(f"--out {out} is a folder; give a CSV file name")
+
+    if recipe is not None:
+        if weights is not None:
+            raise EnsemblerError("--weights cannot be combined with --recipe (the recipe holds the weights)")
+        specs = [m.name for m in recipe.active_members]
+        parts_of = {m.name: list(m.parts) for m in recipe.active_members}
+        rule = recipe.vote
+    else:
+        specs = _member_specs(members, registry)
+        parts_of = {s: s.split(COMPOSE_SEP) if COMPOSE_SEP in s else [] for s in specs}
+        rule = vote
+
+    atoms = _atoms(specs, parts_of)
+    resolved = _resolve_atoms(registry, atoms)
+    if recipe is not None:
+        _check_recipe_against_registry(recipe, resolved)
+    w = _check_vote_weights(rule, weights, specs) if recipe is None else None
+
+    # One engine call for every model that runs: decode once per geometry, cached logits reused.
+    engine_out = predict_members(table, atoms, registry, tta=plan, merge=merge, backend=backend,
+                                 batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
+                                 use_cache=use_cache, progress=progress)
+    ids = np.asarray(table.ids).astype(str)
+    space = _joint_space(specs, parts_of, engine_out)
+    table = _with_label_space(table, space)
+
+    if recipe is not None:
+        _check_classes(recipe.classes, space, "recipe")
+        logits = {name: np.asarray(ml.logits) for name, ml in engine_out.items()}
+        pred, probs = recipe.apply(logits)
+        tie_rate = _tie_rate(probs) if rule == "hard" else None
+        weights_used = [m.weight for m in recipe.active_members]
+    else:
+        member_logits = {s: _member_joint_logits(s, parts_of[s], engine_out) for s in specs}
+        try:
+            res = vote_fn(member_logits, rule, weights=w, names=specs)
+        except ValueError as exc:
+            if isinstance(exc, EnsemblerError):
+                raise
+            raise LogitError(str(exc)) from None
+        pred, probs = res.pred, res.probs
+        tie_rate = res.tie_rate if rule == "hard" else None
+        weights_used = None if w is None else [float(x) for x in w]
+
+    fingerprint = next(iter(engine_out.values())).meta.get("fingerprint") or table.fingerprint()
+    inputs = {
+        "recipe_hash": recipe.hash() if recipe is not None else None,
+        "members": _member_records(specs, parts_of, resolved),
+        "vote": rule,
+        "weights": weights_used,
+        "tta": plan.spec,
+        "merge": merge,
+        "backend": backend,
+        "data_fingerprint": fingerprint,
+        "data": table.describe(),
+        "rows": int(len(ids)),
+    }
+    result = PredictionResult(ids=ids, pred=np.asarray(pred, dtype=np.int64), probs=np.asarray(probs),
+                              label_space=space, vote=rule, members=list(specs), weights=weights_used,
+                              member_logits=engine_out, tie_rate=tie_rate,
+                              recipe_hash=inputs["recipe_hash"], inputs=inputs,
+                              member_parts={k: list(v) for k, v in parts_of.items() if v}, table=table)
+    if out is not None:
+        from .submit import write_submission
+
+        result.submission = write_submission(table, result.pred, out, probs=result.probs, with_probs=with_probs,
+                                             inputs=inputs, overwrite=overwrite, ledger=ledger)
+    return result
+
+
+def _as_registry(registry):
+    from .registry import Registry
+
+    if registry is None or isinstance(registry, (str, os.PathLike)):
+        return Registry(registry)
+    return registry
+
+
+def _member_specs(members, registry) -> list[str]:
+    """Member names in order: ``"all"`` expands to every family; duplicates are an error."""
+    if isinstance(members, str):
+        items = [s.strip() for s in members.split(",") if s.strip()]
+    else:
+        items = [str(s).strip() for s in members]
+    if not items:
+        raise EnsemblerError("--members is empty; pass 'all', family names or checkpoint ids")
+    specs: list[str] = []
+    for item in items:
+        if item == "all":
+            fams = registry.families()
+            if not fams:
+                raise EnsemblerError(f"the registry {registry.root} holds no checkpoints ('all' is empty)")
+            specs.extend(f for f in fams if f not in specs)
+        elif item in specs:
+            raise EnsemblerError(f"--members lists {item!r} twice")
+        else:
+            specs.append(item)
+    return specs
+
+
+def _atoms(specs: Sequence[str], parts_of: Mapping[str, list]) -> list[str]:
+    atoms: list[str] = []
+    for s in specs:
+        for a in parts_of.get(s) or [s]:
+            if a not in atoms:
+                atoms.append(a)
+    return atoms
+
+
+def _resolve_atoms(registry, atoms: Sequence[str]) -> dict[str, list]:
+    """Each atom's checkpoint entries (a family: its folds); the registry's error names unknown ones."""
+    from .infer import resolve_members
+
+    return dict(resolve_members(registry, list(atoms)))
+
+
+def _check_recipe_against_registry(recipe, resolved: Mapping[str, list]) -> None:
+    """A recipe tuned on other weights than the registry holds now would silently mis-weight them."""
+    for m in recipe.active_members:
+        if m.kind == "file":
+            raise EnsemblerError(
+                f"recipe member {m.name!r} was tuned from a raw OOF file; predict runs registry members, so "
+                "register that model (or tune on registry families) first")
+        if not m.sha256:
+            continue
+        have = sorted(e.sha256 for a in (m.parts or (m.name,)) for e in resolved[a])
+        if sorted(m.sha256) != have:
+            raise EnsemblerError(
+                f"recipe member {m.name!r}: the recipe was tuned on weights with sha256 "
+                f"{[s[:12] for s in m.sha256]}, the registry now holds {[s[:12] for s in have]}; re-run tune-weights")
+
+
+def _check_vote_weights(rule: str, weights, specs: Sequence[str]) -> np.ndarray | None:
+    from .ensemble import check_weights
+
+    if weights is None:
+        if rule == "weighted":
+            raise EnsemblerError("--vote weighted needs --weights (one per member) or a --recipe")
+        return None
+    try:
+        return check_weights(weights, len(specs), specs)
+    except ValueError as exc:
+        raise EnsemblerError(f"--weights: {exc}") from None
+
+
+def _member_joint_logits(spec: str, parts: Sequence[str], engine_out: Mapping) -> np.ndarray:
+    """A member's joint logits; a composition ``a+b+c`` sums its factor parts' log-softmax."""
+    if not parts:
+        return np.asarray(engine_out[spec].logits)
+    from .ensemble import Member, compose_members
+
+    members = []
+    for p in parts:
+        ml = engine_out[p]
+        members.append(Member(name=p, ids=np.asarray(ml.ids).astype(str), logits=np.asarray(ml.logits),
+                              label_space=ml.label_space, kind="family",
+                              sha256=tuple(ml.meta.get("sha256", {}).values()), source=f"registry member {p}"))
+    return np.asarray(compose_members(members, name=spec).logits)
+
+
+def _joint_space(specs, parts_of, engine_out) -> LabelSpace:
+    """The label space every member predicts in (a composition's is its parts' parent space)."""
+    spaces = []
+    for s in specs:
+        parts = parts_of.get(s) or []
+        if parts:
+            meta = engine_out[parts[0]].label_space.meta
+            if "factor_of" not in meta:
+                raise LogitError(f"member {s!r}: {parts[0]!r} is not a per-factor model (trained with --target), "
+                                 "so it cannot be composed")
+            spaces.append((s, LabelSpace.from_dict(meta["factor_of"])))
+        else:
+            spaces.append((s, engine_out[s].label_space))
+    ref_name, ref = spaces[0]
+    for name, sp in spaces[1:]:
+        if sp.classes != ref.classes:
+            diff = [(a, b) for a, b in zip(ref.classes, sp.classes) if a != b][:3]
+            raise LogitError(
+                f"class maps differ: member {ref_name!r} predicts {ref.num_classes} classes, member {name!r} "
+                f"{sp.num_classes}" + (f" (e.g. {diff})" if diff else ""))
+    return ref
+
+
+def _check_classes(classes: Sequence[str], space: LabelSpace, what: str) -> None:
+    if tuple(classes) != tuple(space.classes):
+        raise LogitError(f"the {what} expects classes {list(classes)[:6]}..., the members predict "
+                         f"{list(space.classes)[:6]}...")
+
+
+def _with_label_space(table, space: LabelSpace):
+    """The table with the members' label space (an unlabeled CSV has none of its own)."""
+    from .data import SampleTable
+
+    if table.label_space is None:
+        return SampleTable(table.frame, space, table.source)
+    if not table.label_space.same_classes(space):
+        if table.frame["label"].notna().any():
+            raise DataError(
+                f"{table.describe()} has classes {list(table.label_space.classes)[:6]}..., the members predict "
+                f"{list(space.classes)[:6]}...: they are not the same task")
+        return SampleTable(table.frame, space, table.source)
+    return table
+
+
+def _member_records(specs, parts_of, resolved) -> list[dict]:
+    out = []
+    for s in specs:
+        parts = parts_of.get(s) or [s]
+        ckpts = [{"id": e.id, "family": e.family, "fold": e.fold, "sha256": e.sha256}
+                 for p in parts for e in resolved[p]]
+        rec = {"name": s, "checkpoints": ckpts}
+        if parts_of.get(s):
+            rec["parts"] = list(parts)
+        out.append(rec)
+    return out
+
+
+def _tie_rate(scores: np.ndarray) -> float:
+    if len(scores) == 0:
+        return 0.0
+    top = scores.max(axis=1, keepdims=True)
+    return float((np.isclose(scores, top, rtol=0, atol=1e-12).sum(axis=1) > 1).mean())
+
+
+# ============================================================================ logits files
+def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: str = "soft",
+                     weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """Read a logits ``.npz`` for scoring: an OOF/single file or ``ensembler infer`` output.
+
+    Parameters
+    ----------
+    path : path
+        Either ``ids`` + ``logits`` (+ optional ``labels``, ``label_space``): an OOF file of
+        ``train-folds``, or any single member's logits; or what ``ensembler infer`` writes
+        (``ids``, ``members``, ``logits/<name>``): its members are combined with ``vote``.
+    members : names, optional
+        ``infer`` output only: the members to use (default all).
+    vote, weights : see :func:`ensembler.ensemble.vote`.
+
+    Returns
+    -------
+    ids : ndarray (N,) str
+    logits : ndarray (N, C)
+        Log-probabilities of the combined prediction (single files: the raw logits).
+    labels : ndarray (N,) int64 or None
+    info : dict
+        ``classes`` (or None), ``members`` {name: (N, C) logits}, ``tie_rate``, ``rule``.
+
+    Raises
+    ------
+    LogitError
+        Naming the file: not a readable npz, missing arrays, NaN/inf, duplicate ids, a class
+        count that disagrees with its label space, unknown members.
+    """
+    from .ensemble import load_oof, vote as vote_fn
+
+    path = Path(path)
+    files = _npz_names(path)
+    if "logits" in files:
+        m = load_oof(path, require=("ids", "logits"))
+        classes = list(m.label_space.classes) if m.label_space is not None else None
+        info = {"classes": classes, "members": {m.name: m.logits}, "tie_rate": None, "rule": None}
+        return m.ids, np.asarray(m.logits, dtype=np.float64), m.labels, info
+    if "members" not in files or "ids" not in files:
+        raise LogitError(f"logits file {path} has neither 'logits' (an OOF/single file) nor 'ids' + 'members' "
+                         f"(ensembler infer output); it has {sorted(files)}")
+    from .infer import load_member_logits
+
+    loaded = load_member_logits(path)
+    names = list(loaded)
+    if members not in (None, "all"):
+        want = [s.strip() for s in members.split(",")] if isinstance(members, str) else list(members)
+        unknown = [n for n in want if n not in loaded]
+        if unknown:
+            raise LogitError(f"logits file {path} has no member(s) {unknown}; it holds {names}")
+        names = want
+    arrays = {}
+    for n in names:
+        z = np.asarray(loaded[n].logits)
+        bad = ~np.isfinite(z).all(axis=1)
+        if bad.any():
+            raise LogitError(f"logits file {path}: member {n!r} has {int(bad.sum())} row(s) of NaN or inf logits, "
+                             f"e.g. id {str(loaded[n].ids[np.argmax(bad)])!r}")
+        arrays[n] = z
+    spaces = {tuple(loaded[n].label_space.classes) for n in names}
+    if len(spaces) > 1:
+        raise LogitError(f"logits file {path}: its members predict different classes ({names})")
+    ids = np.asarray(loaded[names[0]].ids).astype(str)
+    if len(np.unique(ids)) != len(ids):
+        raise LogitError(f"logits file {path}: duplicate ids")
+    try:
+        res = vote_fn(arrays, vote, weights=weights, names=names)
+    except ValueError as exc:
+        raise LogitError(f"logits file {path}: {exc}") from None
+    info = {"classes": list(spaces.pop()), "members": arrays, "tie_rate": res.tie_rate if vote == "hard" else None,
+            "rule": vote}
+    with np.errstate(divide="ignore"):
+        logp = np.log(res.probs)
+    return ids, logp, None, info
+
+
+def _npz_names(path: Path) -> list[str]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise LogitError(f"logits file {path} is a bare .npy array, not an .npz")
+            return list(npz.files)
+    except FileNotFoundError:
+        raise LogitError(f"logits file {path} does not exist") from None
+    except IsADirectoryError:
+        raise LogitError(f"logits file {path} is a folder, not an .npz file") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        if isinstance(exc, LogitError):
+            raise
+        raise LogitError(f"logits file {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+def _align_to_table(path, ids: np.ndarray, table) -> np.ndarray:
+    """Row positions in the file of each table id; LogitError naming the file when they differ."""
+    pos = {i: n for n, i in enumerate(ids)}
+    table_ids = np.asarray(table.ids).astype(str)
+    missing = [i for i in table_ids if i not in pos]
+    extra = sorted(set(pos) - set(table_ids.tolist()))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} id(s) of the data missing from it, e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"{len(extra)} id(s) not in the data, e.g. {extra[:3]}")
+        raise LogitError(f"logits file {path} does not match {table.describe()}: " + "; ".join(parts))
+    return np.fromiter((pos[i] for i in table_ids), dtype=np.int64, count=len(table_ids))
+
+
+# ============================================================================ evaluate
+def per_class_table(y, pred, classes: Sequence[str]) -> tuple[list[dict], np.ndarray]:
+    """Per-class precision, recall, F1, support and the confusion matrix (rows = truth)."""
+    from .metrics import confusion_matrix
+
+    c = len(classes)
+    cm = confusion_matrix(y, pred, c)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+        recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
+        f1 = np.where(support + predicted > 0, 2 * tp / np.maximum(support + predicted, 1), 0.0)
+    rows = [{"class": str(classes[k]), "precision": float(precision[k]), "recall": float(recall[k]),
+             "f1": float(f1[k]), "support": int(support[k]), "predicted": int(predicted[k])} for k in range(c)]
+    return rows, cm
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path, title: str = "confusion matrix",
+                          normalize: bool = True) -> Path:
+    """A confusion-matrix PNG (rows true, columns predicted; colour = row share), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from ._io import atomic_path
+
+    cm = np.asarray(cm)
+    c = len(classes)
+    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
+    size = min(14.0, 2.5 + 0.45 * c)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    try:
+        im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class" if normalize else "count")
+        ax.set_xticks(range(c), [str(k) for k in classes], rotation=60, ha="right", fontsize=7 if c > 10 else 9)
+        ax.set_yticks(range(c), [str(k) for k in classes], fontsize=7 if c > 10 else 9)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if c <= 20:
+            for i in range(c):
+                for j in range(c):
+                    if cm[i, j]:
+                        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6 if c > 10 else 8,
+                                color="white" if shown[i, j] > 0.5 else "black")
+        ax.set_title(title)
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        return path
+    finally:
+        plt.close(fig)
+
+
+def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = None, recipe=None,
+             members: str | Sequence[str] | None = None, vote: str = "soft", weights: Sequence[float] | None = None,
+             tta: str = "none", merge: str = "mean-logits", backend: str = "torch",
+             plot: str | os.PathLike | None = None, use_cache: bool = True, batch_size: int = 32,
+             workers: int = 0, device: str | None = None, cache_dir=None, progress: bool = True) -> EvaluationResult:
+    """Score a prediction against labels: macro-F1, accuracy, per-class table, confusion matrix.
+
+    Exactly one of:
+
+    - ``logits``: a logits ``.npz`` (see :func:`load_logits_file`), aligned to ``table`` by
+      id (every id once, no extra); without ``table`` the file's own ``labels`` are used
+      (an OOF file carries them). ``members``/``vote`` pick and combine the members of an
+      ``ensembler infer`` file.
+    - ``recipe`` or ``members``: run :func:`predict` (no submission) over the labeled
+      ``table``; each member is scored alone as well.
+
+    Parameters
+    ----------
+    table : SampleTable, optional
+        Labeled data (required unless ``logits`` carries labels).
+    plot : path, optional
+        Write the confusion-matrix PNG there (after every check passed).
+
+    Returns
+    -------
+    EvaluationResult
+
+    Examples
+    --------
+    >>> r = evaluate(logits="checkpoints/resnet18-flat/oof.npz", plot="cm.png")  # doctest: +SKIP
+    >>> round(r.f1, 4), r.plot  # doctest: +SKIP
+    """
+    from .metrics import accuracy, classification_scores, log_loss, macro_f1
+
+    given = [x is not None for x in (logits, recipe)] + [members is not None and logits is None]
+    if sum(given) != 1:
+        raise EnsemblerError("evaluate needs exactly one of --logits FILE, --recipe R or --members NAMES")
+    member_scores: dict = {}
+    tie_rate = None
+    if logits is not None:
+        ids, z, file_labels, info = load_logits_file(logits, members=members, vote=vote, weights=weights)
+        classes = info["classes"]
+        if table is not None:
+            if table.label_space is not None and classes is not None and list(table.label_space.classes) != classes:
+                raise LogitError(f"logits file {logits}: its classes {classes[:6]}... differ from "
+                                 f"{table.describe()}'s {list(table.label_space.classes)[:6]}...")
+            if table.label_space is not None and z.shape[1] != table.label_space.num_classes:
+                raise LogitError(f"logits file {logits} has {z.shape[1]} classes, {table.describe()} has "
+                                 f"{table.label_space.num_classes}")
+            take = _align_to_table(logits, ids, table)
+            z = z[take]
+            info["members"] = {k: v[take] for k, v in info["members"].items()}
+            y = table.labels
+            classes = classes or list(table.label_space.classes)
+        elif file_labels is not None:
+            y = file_labels
+        else:
+            raise DataError(f"logits file {logits} carries no labels: pass labeled --data to score it")
+        classes = classes or [str(k) for k in range(z.shape[1])]
+        name = str(logits)
+        if len(info["members"]) > 1:
+            member_scores = {k: classification_scores(y, v) for k, v in info["members"].items()}
+        tie_rate = info["tie_rate"]
+        hard = info["rule"] == "hard"
+        # argmax of log-shares is the vote's own pred: the first maximum, i.e. the smallest class on ties
+        pred = z.argmax(1)
+        ll = None if hard else log_loss(y, z)
+    else:
+        if table is None:
+            raise DataError("evaluate with --recipe/--members needs labeled --data")
+        y = table.labels  # DataError naming the data when unlabeled
+        res = predict(table, registry, members=members or "all", vote=vote, weights=weights, recipe=recipe,
+                      tta=tta, merge=merge, backend=backend, out=None, use_cache=use_cache, batch_size=batch_size,
+                      workers=workers, device=device, cache_dir=cache_dir, progress=progress)
+        classes = list(res.label_space.classes)
+        pred = res.pred
+        hard = res.vote == "hard"
+        with np.errstate(divide="ignore"):
+            ll = None if hard else float(-np.log(np.maximum(res.probs[np.arange(len(y)), y], 1e-15)).mean())
+        tie_rate = res.tie_rate
+        if len(res.members) > 1:
+            for s in res.members:
+                z = _member_joint_logits(s, res.member_parts.get(s, []), res.member_logits)
+                member_scores[s] = classification_scores(y, z)
+        name = f"recipe {recipe}" if recipe is not None else f"{res.vote} vote over {', '.join(res.members)}"
+    if len(y) == 0:
+        raise DataError("nothing to evaluate: no rows")
+    rows, cm = per_class_table(y, pred, classes)
+    plot_path = None
+    if plot is not None:
+        plot_path = plot_confusion_matrix(cm, classes, plot, title=f"{Path(name).name if logits else name}"[:80])
+    return EvaluationResult(name=name, f1=macro_f1(y, pred, len(classes)), acc=accuracy(y, pred), logloss=ll,
+                            per_class=rows, confusion=cm, classes=list(classes), rows=int(len(y)), plot=plot_path,
+                            member_scores=member_scores, tie_rate=tie_rate)
