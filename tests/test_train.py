@@ -255,7 +255,7 @@ def _toy_run(tmp_path, epochs, *, resume=False, crash_after=None, patience=None,
     sched = build_scheduler(opt, "cosine", epochs=epochs, steps_per_epoch=len(train), warmup_epochs=1)
 
     class Crash(Callbacks):
-        def on_state_saved(self, path, epoch):
+        def on_state_saved(self, path, epoch, history, best_epoch):
             if crash_after is not None and epoch == crash_after:
                 raise KeyboardInterrupt("simulated kill")
 
@@ -301,3 +301,19 @@ def test_corrupt_image_stops_training_and_names_the_file(tmp_path, workers, digi
         train_folds(table, tiny_config(k=2, workers=workers), Registry(tmp_path / "reg"), progress=False)
     assert "Traceback" not in str(info.value)
     assert not (tmp_path / "reg" / "registry.json").exists()
+
+
+def test_lr_schedules_have_their_documented_shape():
+    from ensembler.train.optim import LRShape
+
+    cos = LRShape("cosine", total_steps=100, warmup_steps=10, min_factor=0.01)
+    warm = [cos(s) for s in range(10)]
+    assert warm == sorted(warm) and warm[-1] < 1.0
+    assert cos(10) == pytest.approx(1.0) and cos(99) == pytest.approx(0.01, abs=2e-3)
+    assert all(cos(s) >= cos(s + 1) for s in range(10, 99))
+    step = LRShape("step", total_steps=90)
+    assert (step(0), step(30), step(60), step(89)) == (1.0, pytest.approx(0.1), pytest.approx(0.01), pytest.approx(0.01))
+    restarts = LRShape("cosine-restarts", total_steps=90)
+    assert restarts(0) == pytest.approx(1.0) and restarts(30) == pytest.approx(1.0) and restarts(29) < 0.1
+    # warm-up is capped at a quarter of the run, so a 1-epoch run still reaches its LR
+    assert LRShape("none", total_steps=8, warmup_steps=8)(2) == 1.0

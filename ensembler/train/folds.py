@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from ..labels import LabelSpace
 from ..metrics import accuracy, macro_f1
 from .config import RESUME_FREE_KEYS, TrainConfig
 from .curves import plot_learning_curves, write_metrics_csv
-from .loop import EpochRecord
+from .loop import Callbacks, EpochRecord
 
 
 @dataclass
@@ -239,10 +238,11 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
             reporter.__enter__()
             for note in runner.notes:
                 reporter.note(f"[yellow]note:[/] {note}")
+        callbacks = _CurvesEveryEpoch(fam_dir, config, reporter)
         for number, fold in enumerate(run_fold_ids, 1):
             if reporter is not None:
                 reporter.set_fold(fold, number)
-            summaries.append(runner.run(fold, callbacks=reporter))
+            summaries.append(runner.run(fold, callbacks=callbacks))
             _write_curves(fam_dir, config)
     finally:
         if reporter is not None:
@@ -267,6 +267,38 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
     )
 
 
+class _CurvesEveryEpoch(Callbacks):
+    """Forwards to the progress reporter and rewrites metrics.csv + the PNG after every
+    epoch, so a long run's curves can be watched while it trains."""
+
+    def __init__(self, fam_dir: Path, config: TrainConfig, reporter: Callbacks | None):
+        self.fam_dir, self.config, self.reporter = fam_dir, config, reporter
+
+    def on_epoch_start(self, *args) -> None:
+        if self.reporter is not None:
+            self.reporter.on_epoch_start(*args)
+
+    def on_train_batch(self, *args) -> None:
+        if self.reporter is not None:
+            self.reporter.on_train_batch(*args)
+
+    def on_val_batch(self, *args) -> None:
+        if self.reporter is not None:
+            self.reporter.on_val_batch(*args)
+
+    def on_epoch_end(self, *args) -> None:
+        if self.reporter is not None:
+            self.reporter.on_epoch_end(*args)
+
+    def on_state_saved(self, path, epoch, history, best_epoch) -> None:
+        fold = int(path.parent.name[len("fold"):])
+        _write_curves(self.fam_dir, self.config, current=(fold, [r.to_dict() for r in history], best_epoch))
+
+    def note(self, text: str) -> None:
+        if self.reporter is not None:
+            self.reporter.note(text)
+
+
 def _family_entries(registry, family: str) -> list:
     try:
         return list(registry.family(family))
@@ -285,28 +317,21 @@ def _fold_dirs(fam_dir: Path) -> dict[int, Path]:
 
 
 def load_histories(fam_dir: Path) -> tuple[dict[int, list[dict]], dict[int, int]]:
-    """Per-fold epoch histories and best epochs, from finished folds' ``history.json`` and
-    unfinished folds' ``state.pt``."""
-    from .state import STATE_NAME, load_state
-
+    """Per-fold epoch histories and best epochs of the family's finished folds (``history.json``)."""
     histories, best = {}, {}
     for fold, d in sorted(_fold_dirs(fam_dir).items()):
         if (d / "history.json").is_file():
             rec = json.loads((d / "history.json").read_text())
             histories[fold], best[fold] = rec["history"], rec["best_epoch"]
-        elif (d / STATE_NAME).is_file():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    st = load_state(d / STATE_NAME)
-                except EnsemblerError:
-                    continue
-            histories[fold], best[fold] = st["history"], int(st["best_epoch"])
     return histories, best
 
 
-def _write_curves(fam_dir: Path, config: TrainConfig) -> tuple[Path, Path]:
+def _write_curves(fam_dir: Path, config: TrainConfig, current=None) -> tuple[Path, Path]:
+    """Rewrite metrics.csv and the PNG; ``current`` = (fold, history, best_epoch) of the fold in training."""
     histories, best = load_histories(fam_dir)
+    if current is not None:
+        fold, history, best_epoch = current
+        histories[fold], best[fold] = history, best_epoch
     csv = write_metrics_csv(fam_dir / "metrics.csv", histories)
     png = plot_learning_curves(fam_dir / "learning_curves.png", histories, best, monitor=config.monitor,
                                title=f"{fam_dir.name} ({config.arch}, {config.head} head)")

@@ -67,7 +67,7 @@ class Callbacks:
 
     def on_epoch_end(self, record: EpochRecord, is_best: bool) -> None: ...
 
-    def on_state_saved(self, path: Path, epoch: int) -> None: ...
+    def on_state_saved(self, path: Path, epoch: int, history: list[EpochRecord], best_epoch: int) -> None: ...
 
 
 @dataclass
@@ -249,7 +249,7 @@ def run_fold(
                 "history": [r.to_dict() for r in history],
                 **s.state_extra,
             })
-            cb.on_state_saved(Path(s.state_path), epoch)
+            cb.on_state_saved(Path(s.state_path), epoch, list(history), best_epoch)
 
     if best_weights is None:
         raise EnsemblerError("no epoch was trained (epochs must be >= 1)")
