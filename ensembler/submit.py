@@ -127,9 +127,11 @@ def write_submission(table, pred: np.ndarray, out: str | os.PathLike, *, probs: 
     digest = sha256_bytes(data)
     if out.exists() and not overwrite and sha256_file(out) != digest:
         raise EnsemblerError(f"{out} exists with different content; choose another --out or pass --overwrite")
+    ledger_path = Path(ledger) if ledger is not None else out.parent / LEDGER_NAME
+    # Read the ledger before writing anything: a broken ledger fails with no submission written.
+    earlier = read_ledger(ledger_path)
     with atomic_write(out, "wb") as fh:
         fh.write(data)
-    ledger_path = Path(ledger) if ledger is not None else out.parent / LEDGER_NAME
     inputs = dict(inputs or {})
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -139,7 +141,6 @@ def write_submission(table, pred: np.ndarray, out: str | os.PathLike, *, probs: 
         **inputs,
         "inputs_key": inputs_key(inputs),
     }
-    earlier = read_ledger(ledger_path)
     same_output = [r for r in earlier if r.get("output_sha256") == digest]
     same_inputs = [r for r in earlier if r.get("inputs_key") == record["inputs_key"] and inputs
                    and r.get("output_sha256") != digest]

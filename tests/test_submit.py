@@ -98,6 +98,10 @@ def test_a_broken_ledger_line_is_named(tmp_path):
     ledger.write_text('{"output": "a.csv"}\n{not json\n')
     with pytest.raises(EnsemblerError, match=r"ledger.jsonl, line 2: not valid JSON"):
         read_ledger(ledger)
+    # ... and nothing is written when the ledger beside the submission cannot be read
+    with pytest.raises(EnsemblerError, match=r"ledger.jsonl, line 2"):
+        write_submission(_table(), np.zeros(5, int), tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists()
 
 
 def _append_many(args):

@@ -96,6 +96,9 @@ def cmd_predict(args) -> int:
         err_console().print("[yellow]note:[/] --members is ignored with --recipe: the recipe decides which "
                             "models run")
     table = _load_table(args)
+    if args.probs and (table.source or {}).get("info_csv"):
+        err_console().print("[yellow]note:[/] --probs is ignored for mask eval data: its submission format is "
+                            "info.csv with 'ans' filled")
     res = predict(table, args.registry, members=args.members, vote=args.vote, weights=weights, recipe=args.recipe,
                   tta=args.tta, merge=args.merge, backend=args.backend, out=args.out, with_probs=args.probs,
                   overwrite=args.overwrite, use_cache=args.use_cache, batch_size=args.batch_size,
