@@ -52,7 +52,7 @@ class SubmissionResult:
         """A one-line warning naming the earlier identical submission, or None."""
         if self.same_output:
             r = self.same_output[-1]
-            return (f"identical to an earlier submission: {r['output']} written {r['time']} "
+            return (f"identical submission already exists: {r['output']} written {r['time']} "
                     f"(sha256 {self.sha256[:12]})")
         if self.same_inputs:
             r = self.same_inputs[-1]

@@ -50,7 +50,7 @@ def cmd_demo(args) -> int:
     for note in res.notes:
         con.print(f"note: {note}", highlight=False)
     if res.prediction.repeat_message():
-        con.print(f"identical submission already exists: {res.prediction.repeat_message()}", highlight=False)
+        con.print(res.prediction.repeat_message(), style="yellow", highlight=False)
     art = Table(title="where everything went", title_justify="left", show_header=False)
     art.add_column("artifact")
     art.add_column("path", overflow="fold")

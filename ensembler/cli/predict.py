@@ -87,6 +87,7 @@ def _load_table(args):
 
 
 def cmd_predict(args) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from ..predict import predict
@@ -127,14 +128,15 @@ def cmd_predict(args) -> int:
     con.print("predicted classes (top 5): " + ", ".join(f"{res.label_space.classes[k]}={n}" for k, n in top),
               highlight=False)
     if res.recipe_hash:
-        con.print(f"recipe: {args.recipe} (hash {res.recipe_hash[:12]})", highlight=False)
+        con.print(f"recipe: {args.recipe} (hash {res.recipe_hash[:12]})", markup=False, highlight=False)
     if res.tie_rate is not None:
         con.print(f"hard-vote ties: {res.tie_rate:.1%} of rows (broken to the smallest class index)", highlight=False)
-    con.print(f"submission: [bold]{sub.path}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)", highlight=False)
-    con.print(f"ledger: {sub.ledger}", highlight=False)
+    con.print(f"submission: [bold]{escape(str(sub.path))}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)",
+              highlight=False)
+    con.print(f"ledger: {sub.ledger}", markup=False, highlight=False)
     msg = sub.repeat_message()
     if msg:
-        con.print(f"[bold yellow]identical submission already exists:[/] {msg}", highlight=False)
+        con.print(msg, style="bold yellow", markup=False, highlight=False)
     return 0
 
 
@@ -143,6 +145,7 @@ def _fmt(x, digits=4):
 
 
 def cmd_evaluate(args) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from ..predict import evaluate
@@ -160,7 +163,7 @@ def cmd_evaluate(args) -> int:
                    workers=_default_workers() if args.workers is None else args.workers, device=args.device,
                    cache_dir=args.cache_dir, progress=True)
     con = console()
-    con.print(f"[bold]{res.name}[/] on {res.rows} rows: macro-F1 [bold]{res.f1:.4f}[/], accuracy {res.acc:.4f}"
+    con.print(f"[bold]{escape(res.name)}[/] on {res.rows} rows: macro-F1 [bold]{res.f1:.4f}[/], accuracy {res.acc:.4f}"
               + (f", log-loss {res.logloss:.4f}" if res.logloss is not None else ""), highlight=False)
     if res.tie_rate is not None:
         con.print(f"hard-vote ties: {res.tie_rate:.1%} of rows (broken to the smallest class index)", highlight=False)
@@ -181,5 +184,5 @@ def cmd_evaluate(args) -> int:
                   str(r["predicted"]))
     con.print(t)
     if res.plot is not None:
-        con.print(f"confusion matrix: {res.plot}", highlight=False)
+        con.print(f"confusion matrix: {res.plot}", markup=False, highlight=False)
     return 0
