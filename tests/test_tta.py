@@ -172,7 +172,7 @@ def test_merge_rules_in_their_declared_space():
 _sizes = st.tuples(st.integers(2, 9), st.integers(2, 9))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(size=_sizes, seed=st.integers(0, 2**16))
 def test_flips_and_rotations_are_invertible(size, seed):
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed))
@@ -195,7 +195,7 @@ def _is_symmetric(x, op):
     return torch.equal(x.flip(dim), x)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(size=_sizes, data=st.data())
 def test_crops_equal_slicing(size, data):
     h, w = size
