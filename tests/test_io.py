@@ -38,3 +38,11 @@ def test_atomic_path_and_npz(tmp_path):
             raise ValueError
     assert not q.exists() and os.listdir(tmp_path) == ["l.npz"]
     assert _io.sha256_file(p) == _io.sha256_bytes(p.read_bytes())
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    p = tmp_path / "shared.json"
+    _io.write_json_atomic(p, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)

@@ -39,6 +39,9 @@ def test_export_parity_and_dynamic_batch(reg, entry_id):
     assert result.max_abs_diff <= 1e-4
     record = json.loads(result.path.with_name("model.onnx.json").read_text())
     assert record["onnx_sha256"] == result.sha256 and record["weights_sha256"] == entry.sha256
+    # the registry entry itself records which ONNX file belongs to these weights
+    onnx_info = reg.get(entry_id).extra["onnx"]
+    assert onnx_info["onnx_sha256"] == result.sha256 and onnx_info["file"] == "model.onnx"
     # any batch size runs, and matches torch on it
     model = reg.load_model(entry_id)
     session = make_session(result.path, "cpu", threads=1)

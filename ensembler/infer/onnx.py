@@ -17,7 +17,6 @@ set (default ``torch.get_num_threads()``), graph optimisations on (``ORT_ENABLE_
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import warnings
@@ -194,8 +193,9 @@ def export_onnx(registry, entry_id, opset: int | None = None, atol: float = 1e-4
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
     }
     write_json_atomic(_record_path(path), record)
-    if "onnx" in {f.name for f in dataclasses.fields(type(entry))}:
-        registry.update(entry.id, onnx={k: record[k] for k in ("file", "onnx_sha256", "weights_sha256", "opset")})
+    # The registry keeps non-field keys as extras, so the entry itself says which ONNX file
+    # belongs to its weights (the sidecar JSON holds the full parity record).
+    registry.update(entry.id, onnx={k: record[k] for k in ("file", "onnx_sha256", "weights_sha256", "opset")})
     return OnnxExport(entry.id, path, digest, opset, diff, atol)
 
 
