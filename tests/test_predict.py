@@ -23,6 +23,15 @@ from ensembler.registry import Registry
 
 from conftest import write_mask_eval
 
+def _wide_console(monkeypatch):
+    """The CLI's cached rich consoles, rebuilt 200 columns wide so printed lines do not wrap."""
+    from ensembler.cli import _common
+
+    monkeypatch.setenv("COLUMNS", "200")
+    _common.console.cache_clear()
+    _common.err_console.cache_clear()
+
+
 LABELS = LabelSpace(("cat", "dog", "fox"))
 PRE = Preprocess(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
                  std=(0.5, 0.5, 0.5))
@@ -315,7 +324,7 @@ def test_cli_predict_twice_says_identical_submission_exists(setup, capsys, monke
     table, reg, cache, subs = setup
     manifest = subs.parent / "data.csv"
     table.to_csv(manifest)
-    monkeypatch.setenv("COLUMNS", "200")
+    _wide_console(monkeypatch)
     args = ["predict", "--data", str(manifest), "--registry", str(reg.root), "--members", "res,eff", "--vote",
             "hard", "--tta", "hflip", "--cache-dir", str(cache), "--workers", "0", "--out", str(subs / "h.csv")]
     assert main(args) == 0
@@ -333,7 +342,7 @@ def test_cli_predict_twice_says_identical_submission_exists(setup, capsys, monke
 
 def test_cli_evaluate_logits(setup, tmp_path, capsys, monkeypatch):
     table, reg, cache, _ = setup
-    monkeypatch.setenv("COLUMNS", "200")
+    _wide_console(monkeypatch)
     manifest = tmp_path / "data.csv"
     table.to_csv(manifest)
     logits = np.eye(3)[table.labels] * 3
