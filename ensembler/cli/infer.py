@@ -1,7 +1,8 @@
-"""`ensembler export-onnx` and `ensembler infer`: ONNX export with parity, raw member logits.
+"""`ensembler export-onnx`, `ensembler infer` and `ensembler tta-report`.
 
-Handlers parse and print; the work is :mod:`ensembler.infer` (``export_onnx``,
-``predict_members``, ``save_member_logits``). Voting and submissions are ``ensembler predict``.
+ONNX export with parity, raw member logits, and TTA judged on out-of-fold data. Handlers parse
+and print; the work is :mod:`ensembler.infer` (``export_onnx``, ``predict_members``,
+``save_member_logits``, ``tta_report``). Voting and submissions are ``ensembler predict``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def _default_workers() -> int:
 
 
 def register(sub) -> None:
-    """Add ``export-onnx`` and ``infer`` to the top-level parser."""
+    """Add ``export-onnx``, ``infer`` and ``tta-report`` to the top-level parser."""
     p = sub.add_parser(
         "export-onnx", help="export a checkpoint to ONNX and check parity with torch",
         description="Write model.onnx next to a checkpoint's weights (dynamic batch axis), record its sha256, "
@@ -56,6 +57,34 @@ def register(sub) -> None:
                    help="autocast precision on CUDA (default auto: bf16 where supported)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser(
+        "tta-report", help="judge a TTA plan on a family's out-of-fold data, view by view",
+        description="Run each fold checkpoint of a family over its own validation rows (from the family's "
+                    "oof.npz) with every view of a TTA plan, and print macro-F1, accuracy and log-loss for no "
+                    "TTA, each view alone and the merged plan, with the change against no TTA. Writes the "
+                    "merged OOF-TTA logits next to oof.npz for 'tune-weights --oof FILE'.")
+    add_data_args(p)
+    add_registry_arg(p)
+    p.add_argument("--family", required=True, metavar="NAME", help="registry family (its k fold checkpoints)")
+    p.add_argument("--tta", required=True, metavar="PLAN",
+                   help="TTA plan to judge: hflip, vflip, flip, d4, center-crop=S, five-crop=S, ten-crop=S, "
+                        "scales=0.9,1,1.1; combine with '+'")
+    p.add_argument("--merge", default="mean-logits", metavar="RULE",
+                   help="merge rule of the written OOF-TTA file: mean-logits (default), mean-probs, gmean-probs, "
+                        "max-probs")
+    p.add_argument("--all-merges", action="store_true",
+                   help="also score every merge rule on the same per-view logits (no extra forward)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="force the forward passes")
+    p.add_argument("--cache-dir", default=None, metavar="PATH",
+                   help="logit cache (default $ENSEMBLER_CACHE/logits or <registry>/../.ensembler_cache/logits)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help=f"decode processes (default {_default_workers()})")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
+                   help="autocast precision on CUDA (default auto: bf16 where supported)")
+    p.set_defaults(func=cmd_tta_report)
 
 
 def cmd_export_onnx(args) -> int:
@@ -99,4 +128,57 @@ def cmd_infer(args) -> int:
     out = console()
     out.print(t)
     out.print(f"wrote {path}", highlight=False)
+    return 0
+
+
+def _delta(value: float, higher_is_better: bool, baseline: bool) -> str:
+    if baseline:
+        return ""
+    if abs(value) < 5e-5:
+        return "[dim]±0[/]"
+    better = value > 0 if higher_is_better else value < 0
+    return f"[{'green' if better else 'red'}]{value:+.4f}[/]"
+
+
+def cmd_tta_report(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..data import load_source_from_args
+    from ..infer.oof_tta import tta_report
+    from ..registry import Registry
+
+    table = load_source_from_args(args)
+    workers = _default_workers() if args.workers is None else args.workers
+    rep = tta_report(
+        table, args.family, Registry(args.registry), tta=args.tta, merge=args.merge, all_merges=args.all_merges,
+        backend=args.backend, batch_size=args.batch_size, workers=workers, device=args.device,
+        cache_dir=args.cache_dir, use_cache=args.use_cache, amp=False if args.amp == "off" else args.amp,
+        progress=True)
+
+    t = Table(title=f"TTA on out-of-fold data · family {escape(rep.family)} · {len(rep.ids)} rows · "
+                    f"plan {escape(rep.tta)} ({len(rep.views)} views)")
+    for col in ("prediction", "macro-F1", "Δ F1", "accuracy", "Δ acc", "log-loss", "Δ log-loss"):
+        t.add_column(col, justify="left" if col == "prediction" else "right")
+    for s in rep.scores:
+        base = s.kind == "baseline"
+        name = escape(s.name if s.kind != "view" else f"view {s.name}")
+        if s.kind == "merged":
+            name = f"[bold]{name}[/]"
+        t.add_row(name, f"{s.f1:.4f}", _delta(s.delta_f1, True, base), f"{s.acc:.4f}",
+                  _delta(s.delta_acc, True, base), f"{s.logloss:.4f}", _delta(s.delta_logloss, False, base),
+                  end_section=base)
+    out = console()
+    out.print(t)
+    cached = rep.meta["cached_folds"]
+    out.print(f"folds {sorted(rep.checkpoints)}: each checkpoint ran over its own validation rows only "
+              f"({rep.meta['backend']} {rep.meta['precision']} on {rep.meta['device']}"
+              + (f"; folds {cached} from the cache" if cached else "") + ")", highlight=False, markup=False)
+    if rep.identity_matches:
+        out.print(f"identity view = oof.npz logits (max abs diff {rep.identity_max_abs_diff:.2g})", highlight=False,
+                  markup=False)
+    else:
+        out.print(f"[yellow]warning:[/] {escape(rep.identity_note)}", highlight=False)
+    out.print(f"wrote {rep.output} (merge {rep.merge}; use it with: ensembler tune-weights --oof {rep.output})",
+              highlight=False, markup=False)
     return 0

@@ -170,8 +170,13 @@ class TorchForward:
             return self.model(x)
 
 
-def _views_joint_merged(forward, x, plan, merge, entry, label_space, resize_to, chunk):
-    """(B, C) merged joint logits of one checkpoint for one normalised batch; returns the chunk used."""
+def _views_joint(forward, x, plan, entry, label_space, resize_to, chunk):
+    """(B, V, C) per-view joint logits of one checkpoint for one normalised batch; returns the chunk used.
+
+    Every view is turned into joint logits before any merge (factored heads: joint
+    log-probabilities per view). Used by :func:`_views_joint_merged` and by the OOF TTA report
+    (:mod:`ensembler.infer.oof_tta`), which scores the views one by one.
+    """
     import torch
 
     from ..models import joint_logits
@@ -183,7 +188,12 @@ def _views_joint_merged(forward, x, plan, merge, entry, label_space, resize_to, 
         for j, vi in enumerate(idx):
             per_view[vi] = out[j * b:(j + 1) * b]
     views = torch.stack(per_view, dim=1)
-    joint = joint_logits(views.reshape(b * v, -1), entry.head, label_space).reshape(b, v, -1)
+    return joint_logits(views.reshape(b * v, -1), entry.head, label_space).reshape(b, v, -1), chunk
+
+
+def _views_joint_merged(forward, x, plan, merge, entry, label_space, resize_to, chunk):
+    """(B, C) merged joint logits of one checkpoint for one normalised batch; returns the chunk used."""
+    joint, chunk = _views_joint(forward, x, plan, entry, label_space, resize_to, chunk)
     return merge_views(joint, merge), chunk
 
 
