@@ -213,3 +213,32 @@ def test_cli_prints_the_table_and_the_written_file(family, tmp_path, capsys, mon
     rc = main(["tta-report", "--data", str(manifest), "--registry", str(registry.root), "--family", "nope",
                "--tta", "hflip"])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*span fewer than k=2 groups")  # 9 profiles cannot cover 18 classes
+def test_factored_head_views_are_joint_log_probs(tmp_path):
+    from conftest import write_mask_tree
+
+    from ensembler.labels import factored_to_joint_logprobs
+
+    table = load_source(write_mask_tree(tmp_path / "train", n_profiles=9, size=(16, 20)))
+    registry = Registry(tmp_path / "registry")
+    config = TrainConfig(arch="test_resnet", head="factored", k=2, epochs=1, img_size=32, pretrained=False,
+                         lr=1e-2, workers=0, batch_size=16, device="cpu")
+    fam = train_folds(table, config, registry, progress=False).family
+    rep = tta_report(table, fam, registry, tta="hflip", progress=False, cache_dir=tmp_path / "cache")
+    assert rep.view_logits.shape == (63, 2, 18)
+    np.testing.assert_allclose(rep.identity_logits, _oof(registry, fam)["logits"], rtol=1e-5, atol=1e-5)
+    # Each view is turned into joint log-probabilities before merging (as the engine does).
+    lse = np.log(np.exp(rep.view_logits.astype(np.float64)).sum(-1))
+    np.testing.assert_allclose(lse, 0.0, atol=1e-4)
+    paths = dict(zip(table.ids, table.paths))
+    for e in registry.family(fam):
+        rows = np.flatnonzero(rep.folds == e.fold)
+        tf = e.pre.geometry_transform()
+        x = e.pre.normalize(torch.stack([tf(decode_image(paths[i])) for i in rep.ids[rows]]))
+        with torch.inference_mode():
+            out = registry.load_model(e)(torch.flip(x, dims=(3,)))
+        expected = factored_to_joint_logprobs(out, e.labels.factor_sizes).numpy()
+        np.testing.assert_allclose(rep.view_logits[rows, 1], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rep.merged_logits["mean-logits"], rep.view_logits.mean(axis=1), atol=1e-6)
