@@ -139,16 +139,17 @@ def _print_result(result, seconds: float) -> None:
     out = console()
     t = Table(title=f"family {result.family} ({result.config.arch}, {result.config.head} head"
               + (f", target {result.config.target}" if result.config.target else "") + ")", title_justify="left")
-    for col in ("fold", "checkpoint", "best epoch", "epochs run", "val macro-F1", "val acc", "val loss"):
-        t.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for col in ("fold", "best epoch", "epochs", "val macro-F1", "val acc", "val loss", "checkpoint"):
+        t.add_column(col, justify="left" if col == "checkpoint" else "right", overflow="fold")
     for f in result.folds:
-        t.add_row(str(f.fold), f.entry_id + (" (earlier run)" if f.skipped else ""), str(f.best_epoch),
-                  str(f.epochs_run) + (" (early stop)" if f.stopped_early else ""), f"{f.val_f1:.4f}",
-                  f"{f.val_acc:.4f}", f"{f.val_loss:.4f}")
-    label = "OOF (all folds)" if result.oof_complete else f"OOF (partial: {result.oof_rows}/{result.total_rows} rows)"
+        t.add_row(str(f.fold), str(f.best_epoch), str(f.epochs_run) + (" (early stop)" if f.stopped_early else ""),
+                  f"{f.val_f1:.4f}", f"{f.val_acc:.4f}", f"{f.val_loss:.4f}",
+                  f.entry_id + (" (earlier run)" if f.skipped else ""))
+    label = "OOF" if result.oof_complete else f"OOF (partial: {result.oof_rows}/{result.total_rows} rows)"
     t.add_section()
-    t.add_row(label, str(result.oof_path), "", "", f"{result.oof_f1:.4f}", f"{result.oof_acc:.4f}", "")
+    t.add_row(label, "", "", f"{result.oof_f1:.4f}", f"{result.oof_acc:.4f}", "", "")
     out.print(t)
     for note in result.notes:
         out.print(f"[yellow]note:[/] {note}", highlight=False)
-    out.print(f"metrics: {result.metrics_csv}\ncurves:  {result.curves_png}\ntime:    {seconds:.1f}s", highlight=False)
+    out.print(f"oof:     {result.oof_path}\nmetrics: {result.metrics_csv}\ncurves:  {result.curves_png}\n"
+              f"time:    {seconds:.1f}s", highlight=False)
