@@ -125,7 +125,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
     progress : bool
         Rich progress bars for training and inference.
     epochs : int, optional
-        Training epochs per fold (default 4; 1 with ``quick``).
+        Training epochs per fold (default 3; 1 with ``quick``).
     log : callable, optional
         Called with a one-line message at the start of every step.
 
@@ -144,7 +144,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
     from .train import TrainConfig, train_folds
 
     say = log or (lambda msg: None)
-    epochs = (1 if quick else 4) if epochs is None else int(epochs)
+    epochs = (1 if quick else 3) if epochs is None else int(epochs)
     if epochs < 1:
         raise EnsemblerError(f"epochs must be >= 1, got {epochs}")
     out_dir = Path(out_dir).absolute()

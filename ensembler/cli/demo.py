@@ -12,13 +12,13 @@ def register(sub) -> None:
     """Add ``demo`` to the top-level parser."""
     p = sub.add_parser(
         "demo", help="the whole pipeline on the bundled digits: train, tune, predict, compare (no download)",
-        description="Hold out ~20%% of scikit-learn's digits, train two small architectures on 3 grouped folds of "
+        description="Hold out ~20% of scikit-learn's digits, train two small architectures on 3 grouped folds of "
                     "the rest, tune ensemble weights on their OOF logits, predict the held-out part with TTA, "
                     "write a submission, and print every member next to the hard vote, the uniform soft vote and "
                     "the tuned ensemble. Its outputs in --out are replaced on every run.")
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default ./demo_out)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a fifth of the images, one epoch")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per fold (default 4; 1 with --quick)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per fold (default 3; 1 with --quick)")
     p.set_defaults(func=cmd_demo)
 
 
