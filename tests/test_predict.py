@@ -354,3 +354,21 @@ def test_cli_evaluate_logits(setup, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "cm.png").exists()
     assert main(["evaluate", "--data", str(manifest)]) == 2
     assert "exactly one of --logits" in capsys.readouterr().err
+
+
+def test_evaluate_infer_output_votes_its_members(setup, tmp_path):
+    from ensembler.infer import save_member_logits
+    from ensembler.metrics import macro_f1
+
+    table, reg, cache, _ = setup
+    engine = predict_members(table, "res-fold0,res-fold1,eff", reg, cache_dir=cache, progress=False)
+    f = save_member_logits(tmp_path / "infer.npz", engine)
+    res = evaluate(table, logits=f, vote="hard")
+    ref = vote({k: m.logits for k, m in engine.items()}, "hard")
+    assert res.f1 == pytest.approx(macro_f1(table.labels, ref.pred, 3))
+    assert res.tie_rate == ref.tie_rate and res.logloss is None
+    assert set(res.member_scores) == {"res-fold0", "res-fold1", "eff"}
+    one = evaluate(table, logits=f, members="eff")
+    assert one.f1 == pytest.approx(macro_f1(table.labels, engine["eff"].logits.argmax(1), 3))
+    with pytest.raises(LogitError, match="infer.npz has no member\\(s\\) \\['nope'\\]"):
+        evaluate(table, logits=f, members="nope")
