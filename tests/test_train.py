@@ -317,3 +317,14 @@ def test_lr_schedules_have_their_documented_shape():
     assert restarts(0) == pytest.approx(1.0) and restarts(30) == pytest.approx(1.0) and restarts(29) < 0.1
     # warm-up is capped at a quarter of the run, so a 1-epoch run still reaches its LR
     assert LRShape("none", total_steps=8, warmup_steps=8)(2) == 1.0
+
+
+@pytest.mark.slow
+def test_full_digits_five_folds_reaches_high_oof_f1(tmp_path, digits_cache):
+    # The whole bundled digits set, k=5, 3 epochs of test_resnet at 32 px.
+    table = load_source("digits", cache_dir=digits_cache)
+    registry = Registry(tmp_path / "reg")
+    result = train_folds(table, tiny_config(k=5, epochs=3), registry, progress=False)
+    assert result.oof_complete and result.oof_rows == len(table) == 1797
+    assert result.oof_f1 > 0.9
+    assert len(registry.family(result.family)) == 5
