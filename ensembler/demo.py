@@ -139,7 +139,8 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
     from .ensemble import load_members, tune_weights, vote
     from .ensemble.plots import write_tuning_plots
     from .metrics import accuracy, macro_f1
-    from .predict import plot_confusion_matrix, per_class_table, predict
+    from .evaluate import per_class_table, plot_confusion_matrix
+    from .predict import predict
     from .registry import Registry
     from .train import TrainConfig, train_folds
 

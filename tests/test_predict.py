@@ -17,7 +17,8 @@ from ensembler.infer import predict_members
 from ensembler.labels import LabelSpace, joint_from_factor_logprobs
 from ensembler.metrics import log_softmax
 from ensembler.models import create_model
-from ensembler.predict import evaluate, predict
+from ensembler.evaluate import evaluate
+from ensembler.predict import predict
 from ensembler.preprocess import Preprocess
 from ensembler.registry import Registry
 

@@ -1,7 +1,7 @@
 """`ensembler predict` and `ensembler evaluate`: submissions with a ledger, and metrics of any logits.
 
 Parsing and printing only; the work is :func:`ensembler.predict.predict` and
-:func:`ensembler.predict.evaluate`.
+:func:`ensembler.evaluate.evaluate`.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def cmd_evaluate(args) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from ..predict import evaluate
+    from ..evaluate import evaluate
 
     weights = parse_float_list(args.weights, "--weights")
     if sum(x is not None for x in (args.logits, args.recipe)) + (args.members is not None and not args.logits) != 1:

@@ -1,0 +1,327 @@
+"""Evaluate: macro-F1, accuracy, per-class table and confusion matrix of any prediction.
+
+:func:`evaluate` is what ``ensembler evaluate`` runs. It scores a prediction against labels:
+macro-F1, accuracy, log-loss (when there are probabilities), per-class
+precision/recall/F1/support, the confusion matrix and its PNG. It takes a logits file (an OOF
+file, or ``ensembler infer`` output, read by :func:`load_logits_file`), or runs a
+recipe/members over labeled data through :func:`ensembler.predict.predict` (which resolves
+members, runs the engine and applies the recipe or vote; nothing of that lives here).
+
+Nothing is written until every input has been validated, so a bad recipe, member or logits
+file leaves no plot behind.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import DataError, EnsemblerError, LogitError
+from .predict import _member_joint_logits, predict
+
+__all__ = ["EvaluationResult", "evaluate", "load_logits_file", "plot_confusion_matrix", "per_class_table"]
+
+
+# ============================================================================ result
+@dataclass
+class EvaluationResult:
+    """Scores of one prediction against labels (see :func:`evaluate`).
+
+    Attributes
+    ----------
+    name : str
+        What was scored (a file, a recipe, a vote over members).
+    f1, acc : float
+        Macro-F1 over all classes (absent classes count as 0, as scikit-learn with
+        ``labels=range(C)``) and accuracy.
+    logloss : float or None
+        When probabilities/logits were available (not for the hard vote).
+    per_class : list of dict
+        ``{"class", "precision", "recall", "f1", "support", "predicted"}`` per class.
+    confusion : ndarray (C, C)
+        Rows true class, columns predicted class.
+    classes : list of str
+    rows : int
+    plot : Path or None
+        The confusion-matrix PNG, when asked for.
+    member_scores : dict name -> {"f1", "acc", "logloss"}
+        Each member alone (when the prediction was a vote over several).
+    tie_rate : float or None
+    """
+
+    name: str
+    f1: float
+    acc: float
+    logloss: float | None
+    per_class: list[dict]
+    confusion: np.ndarray
+    classes: list[str]
+    rows: int
+    plot: Path | None = None
+    member_scores: dict = field(default_factory=dict)
+    tie_rate: float | None = None
+
+
+# ============================================================================ logits files
+def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: str = "soft",
+                     weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """Read a logits ``.npz`` for scoring: an OOF/single file or ``ensembler infer`` output.
+
+    Parameters
+    ----------
+    path : path
+        Either ``ids`` + ``logits`` (+ optional ``labels``, ``label_space``): an OOF file of
+        ``train-folds``, or any single member's logits; or what ``ensembler infer`` writes
+        (``ids``, ``members``, ``logits/<name>``): its members are combined with ``vote``.
+    members : names, optional
+        ``infer`` output only: the members to use (default all).
+    vote, weights : see :func:`ensembler.ensemble.vote`.
+
+    Returns
+    -------
+    ids : ndarray (N,) str
+    logits : ndarray (N, C)
+        Log-probabilities of the combined prediction (single files: the raw logits).
+    labels : ndarray (N,) int64 or None
+    info : dict
+        ``classes`` (or None), ``members`` {name: (N, C) logits}, ``tie_rate``, ``rule``.
+
+    Raises
+    ------
+    LogitError
+        Naming the file: not a readable npz, missing arrays, NaN/inf, duplicate ids, a class
+        count that disagrees with its label space, unknown members.
+    """
+    from .ensemble import load_oof, vote as vote_fn
+
+    path = Path(path)
+    files = _npz_names(path)
+    if "logits" in files:
+        m = load_oof(path, require=("ids", "logits"))
+        classes = list(m.label_space.classes) if m.label_space is not None else None
+        info = {"classes": classes, "members": {m.name: m.logits}, "tie_rate": None, "rule": None}
+        return m.ids, np.asarray(m.logits, dtype=np.float64), m.labels, info
+    if "members" not in files or "ids" not in files:
+        raise LogitError(f"logits file {path} has neither 'logits' (an OOF/single file) nor 'ids' + 'members' "
+                         f"(ensembler infer output); it has {sorted(files)}")
+    from .infer import load_member_logits
+
+    loaded = load_member_logits(path)
+    names = list(loaded)
+    if members not in (None, "all"):
+        want = [s.strip() for s in members.split(",")] if isinstance(members, str) else list(members)
+        unknown = [n for n in want if n not in loaded]
+        if unknown:
+            raise LogitError(f"logits file {path} has no member(s) {unknown}; it holds {names}")
+        names = want
+    arrays = {}
+    for n in names:
+        z = np.asarray(loaded[n].logits)
+        bad = ~np.isfinite(z).all(axis=1)
+        if bad.any():
+            raise LogitError(f"logits file {path}: member {n!r} has {int(bad.sum())} row(s) of NaN or inf logits, "
+                             f"e.g. id {str(loaded[n].ids[np.argmax(bad)])!r}")
+        arrays[n] = z
+    spaces = {tuple(loaded[n].label_space.classes) for n in names}
+    if len(spaces) > 1:
+        raise LogitError(f"logits file {path}: its members predict different classes ({names})")
+    ids = np.asarray(loaded[names[0]].ids).astype(str)
+    if len(np.unique(ids)) != len(ids):
+        raise LogitError(f"logits file {path}: duplicate ids")
+    try:
+        res = vote_fn(arrays, vote, weights=weights, names=names)
+    except ValueError as exc:
+        raise LogitError(f"logits file {path}: {exc}") from None
+    info = {"classes": list(spaces.pop()), "members": arrays, "tie_rate": res.tie_rate if vote == "hard" else None,
+            "rule": vote}
+    with np.errstate(divide="ignore"):
+        logp = np.log(res.probs)
+    return ids, logp, None, info
+
+
+def _npz_names(path: Path) -> list[str]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise LogitError(f"logits file {path} is a bare .npy array, not an .npz")
+            return list(npz.files)
+    except FileNotFoundError:
+        raise LogitError(f"logits file {path} does not exist") from None
+    except IsADirectoryError:
+        raise LogitError(f"logits file {path} is a folder, not an .npz file") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        if isinstance(exc, LogitError):
+            raise
+        raise LogitError(f"logits file {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+def _align_to_table(path, ids: np.ndarray, table) -> np.ndarray:
+    """Row positions in the file of each table id; LogitError naming the file when they differ."""
+    pos = {i: n for n, i in enumerate(ids)}
+    table_ids = np.asarray(table.ids).astype(str)
+    missing = [i for i in table_ids if i not in pos]
+    extra = sorted(set(pos) - set(table_ids.tolist()))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} id(s) of the data missing from it, e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"{len(extra)} id(s) not in the data, e.g. {extra[:3]}")
+        raise LogitError(f"logits file {path} does not match {table.describe()}: " + "; ".join(parts))
+    return np.fromiter((pos[i] for i in table_ids), dtype=np.int64, count=len(table_ids))
+
+
+# ============================================================================ evaluate
+def per_class_table(y, pred, classes: Sequence[str]) -> tuple[list[dict], np.ndarray]:
+    """Per-class precision, recall, F1, support and the confusion matrix (rows = truth)."""
+    from .metrics import confusion_matrix
+
+    c = len(classes)
+    cm = confusion_matrix(y, pred, c)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+        recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
+        f1 = np.where(support + predicted > 0, 2 * tp / np.maximum(support + predicted, 1), 0.0)
+    rows = [{"class": str(classes[k]), "precision": float(precision[k]), "recall": float(recall[k]),
+             "f1": float(f1[k]), "support": int(support[k]), "predicted": int(predicted[k])} for k in range(c)]
+    return rows, cm
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path, title: str = "confusion matrix",
+                          normalize: bool = True) -> Path:
+    """A confusion-matrix PNG (rows true, columns predicted; colour = row share), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from ._io import atomic_path
+
+    cm = np.asarray(cm)
+    c = len(classes)
+    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
+    size = min(14.0, 2.5 + 0.45 * c)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    try:
+        im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class" if normalize else "count")
+        ax.set_xticks(range(c), [str(k) for k in classes], rotation=60, ha="right", fontsize=7 if c > 10 else 9)
+        ax.set_yticks(range(c), [str(k) for k in classes], fontsize=7 if c > 10 else 9)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if c <= 20:
+            for i in range(c):
+                for j in range(c):
+                    if cm[i, j]:
+                        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6 if c > 10 else 8,
+                                color="white" if shown[i, j] > 0.5 else "black")
+        ax.set_title(title)
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        return path
+    finally:
+        plt.close(fig)
+
+
+def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = None, recipe=None,
+             members: str | Sequence[str] | None = None, vote: str = "soft", weights: Sequence[float] | None = None,
+             tta: str = "none", merge: str = "mean-logits", backend: str = "torch",
+             plot: str | os.PathLike | None = None, use_cache: bool = True, batch_size: int = 32,
+             workers: int = 0, device: str | None = None, cache_dir=None, progress: bool = True) -> EvaluationResult:
+    """Score a prediction against labels: macro-F1, accuracy, per-class table, confusion matrix.
+
+    Exactly one of:
+
+    - ``logits``: a logits ``.npz`` (see :func:`load_logits_file`), aligned to ``table`` by
+      id (every id once, no extra); without ``table`` the file's own ``labels`` are used
+      (an OOF file carries them). ``members``/``vote`` pick and combine the members of an
+      ``ensembler infer`` file.
+    - ``recipe`` or ``members``: run :func:`predict` (no submission) over the labeled
+      ``table``; each member is scored alone as well.
+
+    Parameters
+    ----------
+    table : SampleTable, optional
+        Labeled data (required unless ``logits`` carries labels).
+    plot : path, optional
+        Write the confusion-matrix PNG there (after every check passed).
+
+    Returns
+    -------
+    EvaluationResult
+
+    Examples
+    --------
+    >>> r = evaluate(logits="checkpoints/resnet18-flat/oof.npz", plot="cm.png")  # doctest: +SKIP
+    >>> round(r.f1, 4), r.plot  # doctest: +SKIP
+    """
+    from .metrics import accuracy, classification_scores, log_loss, macro_f1
+
+    given = [x is not None for x in (logits, recipe)] + [members is not None and logits is None]
+    if sum(given) != 1:
+        raise EnsemblerError("evaluate needs exactly one of --logits FILE, --recipe R or --members NAMES")
+    member_scores: dict = {}
+    tie_rate = None
+    if logits is not None:
+        ids, z, file_labels, info = load_logits_file(logits, members=members, vote=vote, weights=weights)
+        classes = info["classes"]
+        if table is not None:
+            if table.label_space is not None and classes is not None and list(table.label_space.classes) != classes:
+                raise LogitError(f"logits file {logits}: its classes {classes[:6]}... differ from "
+                                 f"{table.describe()}'s {list(table.label_space.classes)[:6]}...")
+            if table.label_space is not None and z.shape[1] != table.label_space.num_classes:
+                raise LogitError(f"logits file {logits} has {z.shape[1]} classes, {table.describe()} has "
+                                 f"{table.label_space.num_classes}")
+            take = _align_to_table(logits, ids, table)
+            z = z[take]
+            info["members"] = {k: v[take] for k, v in info["members"].items()}
+            y = table.labels
+            classes = classes or list(table.label_space.classes)
+        elif file_labels is not None:
+            y = file_labels
+        else:
+            raise DataError(f"logits file {logits} carries no labels: pass labeled --data to score it")
+        classes = classes or [str(k) for k in range(z.shape[1])]
+        name = str(logits)
+        if len(info["members"]) > 1:
+            member_scores = {k: classification_scores(y, v) for k, v in info["members"].items()}
+        tie_rate = info["tie_rate"]
+        hard = info["rule"] == "hard"
+        # argmax of log-shares is the vote's own pred: the first maximum, i.e. the smallest class on ties
+        pred = z.argmax(1)
+        ll = None if hard else log_loss(y, z)
+    else:
+        if table is None:
+            raise DataError("evaluate with --recipe/--members needs labeled --data")
+        y = table.labels  # DataError naming the data when unlabeled
+        res = predict(table, registry, members=members or "all", vote=vote, weights=weights, recipe=recipe,
+                      tta=tta, merge=merge, backend=backend, out=None, use_cache=use_cache, batch_size=batch_size,
+                      workers=workers, device=device, cache_dir=cache_dir, progress=progress)
+        classes = list(res.label_space.classes)
+        pred = res.pred
+        hard = res.vote == "hard"
+        with np.errstate(divide="ignore"):
+            ll = None if hard else float(-np.log(np.maximum(res.probs[np.arange(len(y)), y], 1e-15)).mean())
+        tie_rate = res.tie_rate
+        if len(res.members) > 1:
+            for s in res.members:
+                z = _member_joint_logits(s, res.member_parts.get(s, []), res.member_logits)
+                member_scores[s] = classification_scores(y, z)
+        name = f"recipe {recipe}" if recipe is not None else f"{res.vote} vote over {', '.join(res.members)}"
+    if len(y) == 0:
+        raise DataError("nothing to evaluate: no rows")
+    rows, cm = per_class_table(y, pred, classes)
+    plot_path = None
+    if plot is not None:
+        plot_path = plot_confusion_matrix(cm, classes, plot, title=f"{Path(name).name if logits else name}"[:80])
+    return EvaluationResult(name=name, f1=macro_f1(y, pred, len(classes)), acc=accuracy(y, pred), logloss=ll,
+                            per_class=rows, confusion=cm, classes=list(classes), rows=int(len(y)), plot=plot_path,
+                            member_scores=member_scores, tie_rate=tie_rate)
