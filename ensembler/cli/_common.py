@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import warnings
 from functools import lru_cache
 
 from ..errors import EnsemblerError
@@ -21,6 +23,23 @@ def err_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def printed_warnings():
+    """Show library UserWarnings (small classes, unused label fixes, partial OOF) as yellow
+    lines on stderr, once each, also when the command fails."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                msg = str(w.message)
+                if msg not in seen and issubclass(w.category, UserWarning):
+                    seen.add(msg)
+                    err_console().print(f"[yellow]warning:[/] {msg}", highlight=False, markup=True)
 
 
 def add_group(sub, name: str, help: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:

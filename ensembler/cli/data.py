@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
-from ._common import add_data_args, add_group, console, err_console
+from ._common import add_data_args, add_group, console, err_console, printed_warnings
 
 
 def register(sub) -> None:
@@ -38,22 +35,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="split seed (default 0)")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="where to write the CSV")
     p.set_defaults(func=_split)
-
-
-@contextlib.contextmanager
-def _printed_warnings():
-    """Show library warnings (small classes, unused label fixes) as yellow lines, once each."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            seen = set()
-            for w in caught:
-                msg = str(w.message)
-                if msg not in seen and issubclass(w.category, UserWarning):
-                    seen.add(msg)
-                    err_console().print(f"[yellow]warning:[/] {msg}", highlight=False, markup=True)
 
 
 def _summary_table(table):
@@ -150,7 +131,7 @@ def _inspect(args) -> int:
     from ..data import load_source_from_args, split_folds, verify_images
 
     out = console()
-    with _printed_warnings():
+    with printed_warnings():
         table = load_source_from_args(args)
         out.print(_summary_table(table))
         if table.labeled:
@@ -185,7 +166,7 @@ def _split(args) -> int:
     from ..data import load_source_from_args, split_folds
 
     out = console()
-    with _printed_warnings():
+    with printed_warnings():
         table = split_folds(load_source_from_args(args), args.k, args.seed)
     path = table.to_csv(Path(args.out))
     out.print(_fold_table(table))

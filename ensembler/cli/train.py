@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_data_args, add_registry_arg, console, err_console, parse_int_list
+from ._common import add_data_args, add_registry_arg, console, err_console, parse_int_list, printed_warnings
 
 _EPILOG = """\
 examples:
@@ -109,7 +109,6 @@ def config_from_args(args):
 
 def _train_folds(args) -> int:
     import time
-    import warnings
 
     from ..data import load_source_from_args
     from ..registry import Registry
@@ -119,16 +118,9 @@ def _train_folds(args) -> int:
     table = load_source_from_args(args)
     registry = Registry(args.registry)
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+    with printed_warnings():
         result = train_folds(table, config, registry, progress=args.progress, resume=args.resume,
                              console=err_console())
-    seen = set()
-    for w in caught:
-        msg = str(w.message)
-        if msg not in seen and issubclass(w.category, UserWarning):
-            seen.add(msg)
-            err_console().print(f"[yellow]warning:[/] {msg}", highlight=False, markup=True)
     _print_result(result, time.perf_counter() - t0)
     return 0
 

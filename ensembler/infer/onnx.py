@@ -18,7 +18,6 @@ set (default ``torch.get_num_threads()``), graph optimisations on (``ORT_ENABLE_
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone

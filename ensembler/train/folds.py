@@ -17,7 +17,6 @@ A fold is *finished* when its checkpoint is registered and its ``val_logits.npz`
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..labels import LabelSpace
 from ..metrics import accuracy, macro_f1
 from .config import RESUME_FREE_KEYS, TrainConfig
 from .curves import plot_learning_curves, write_metrics_csv
-from .loop import Callbacks, EpochRecord
+from .loop import Callbacks
 
 
 @dataclass
