@@ -73,6 +73,38 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="mask data: CSV of profile id -> corrected gender/mask")
 
 
+def default_workers() -> int:
+    """Decode processes when --workers is not given: one per spare core (the main process runs
+    the models), at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def add_engine_args(p: argparse.ArgumentParser, *, views: bool = True, amp: bool = False) -> None:
+    """The engine's options, shared by every command that runs models over images.
+
+    ``views=False`` leaves out ``--tta``/``--merge`` for a command that defines its own
+    (``tta-report``: a required plan to judge, the merge rule of the file it writes).
+    ``amp=True`` adds ``--amp``. ``--workers`` defaults to None: use :func:`default_workers`.
+    """
+    if views:
+        p.add_argument("--tta", default="none", metavar="PLAN",
+                       help="TTA plan: none, hflip, vflip, flip, d4, center-crop=S, five-crop=S, ten-crop=S, "
+                            "scales=0.9,1,1.1; combine with '+' (default none)")
+        p.add_argument("--merge", default="mean-logits", metavar="RULE",
+                       help="merge over TTA views: mean-logits (default), mean-probs, gmean-probs, max-probs")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="force a forward pass instead of reusing cached logits")
+    p.add_argument("--cache-dir", default=None, metavar="PATH",
+                   help="logit cache (default $ENSEMBLER_CACHE/logits or <registry>/../.ensembler_cache/logits)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help=f"decode processes (default {default_workers()})")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    if amp:
+        p.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
+                       help="autocast precision on CUDA (default auto: bf16 where supported)")
+
+
 def parse_int_list(text: str | None, flag: str) -> list[int] | None:
     if text is None:
         return None

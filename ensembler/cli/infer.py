@@ -7,15 +7,8 @@ and print; the work is :mod:`ensembler.infer` (``export_onnx``, ``predict_member
 
 from __future__ import annotations
 
-import os
-
 from ..errors import EnsemblerError
-from ._common import add_data_args, add_registry_arg, console
-
-
-def _default_workers() -> int:
-    # One decode process per spare core (the main process runs the model), at most 4.
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+from ._common import add_data_args, add_engine_args, add_registry_arg, console, default_workers
 
 
 def register(sub) -> None:
@@ -40,22 +33,9 @@ def register(sub) -> None:
     add_registry_arg(p)
     p.add_argument("--members", default="all", metavar="all|NAMES",
                    help="'all', or comma-separated family names / checkpoint ids (default all)")
-    p.add_argument("--tta", default="none", metavar="PLAN",
-                   help="TTA plan: none, hflip, vflip, flip, d4, center-crop=S, five-crop=S, ten-crop=S, "
-                        "scales=0.9,1,1.1; combine with '+' (default none)")
-    p.add_argument("--merge", default="mean-logits", metavar="RULE",
-                   help="merge over views: mean-logits (default), mean-probs, gmean-probs, max-probs")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    p.add_argument("--out", required=True, metavar="PATH", help="output .npz (a .json sidecar is written beside it)")
-    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="force a forward pass")
-    p.add_argument("--cache-dir", default=None, metavar="PATH",
-                   help="logit cache (default $ENSEMBLER_CACHE/logits or <registry>/../.ensembler_cache/logits)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help=f"decode processes (default {_default_workers()})")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
-                   help="autocast precision on CUDA (default auto: bf16 where supported)")
+    add_engine_args(p, amp=True)
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--out", required=True, metavar="PATH", help="output .npz (a .json sidecar is written beside it)")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(
@@ -75,15 +55,7 @@ def register(sub) -> None:
                         "max-probs")
     p.add_argument("--all-merges", action="store_true",
                    help="also score every merge rule on the same per-view logits (no extra forward)")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="force the forward passes")
-    p.add_argument("--cache-dir", default=None, metavar="PATH",
-                   help="logit cache (default $ENSEMBLER_CACHE/logits or <registry>/../.ensembler_cache/logits)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help=f"decode processes (default {_default_workers()})")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
-                   help="autocast precision on CUDA (default auto: bf16 where supported)")
+    add_engine_args(p, views=False, amp=True)
     p.set_defaults(func=cmd_tta_report)
 
 
@@ -110,7 +82,7 @@ def cmd_infer(args) -> int:
     if not str(args.out).endswith(".npz"):
         raise EnsemblerError(f"--out must be a .npz file, got {args.out!r}")
     table = load_source_from_args(args)
-    workers = _default_workers() if args.workers is None else args.workers
+    workers = default_workers() if args.workers is None else args.workers
     results = predict_members(
         table, args.members, Registry(args.registry), tta=args.tta, merge=args.merge, backend=args.backend,
         batch_size=args.batch_size, workers=workers, device=args.device, cache_dir=args.cache_dir,
@@ -149,7 +121,7 @@ def cmd_tta_report(args) -> int:
     from ..registry import Registry
 
     table = load_source_from_args(args)
-    workers = _default_workers() if args.workers is None else args.workers
+    workers = default_workers() if args.workers is None else args.workers
     rep = tta_report(
         table, args.family, Registry(args.registry), tta=args.tta, merge=args.merge, all_merges=args.all_merges,
         backend=args.backend, batch_size=args.batch_size, workers=workers, device=args.device,

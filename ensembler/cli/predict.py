@@ -6,33 +6,11 @@ Parsing and printing only; the work is :func:`ensembler.predict.predict` and
 
 from __future__ import annotations
 
-import os
-
 from ..errors import EnsemblerError
-from ._common import add_data_args, add_registry_arg, console, err_console, parse_float_list
+from ._common import (add_data_args, add_engine_args, add_registry_arg, console, default_workers, err_console,
+                      parse_float_list)
 
 VOTES = ("hard", "soft", "weighted", "gmean", "logits")
-
-
-def _default_workers() -> int:
-    # One decode process per spare core (the main process runs the models), at most 4.
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-def _add_engine_args(p) -> None:
-    p.add_argument("--tta", default="none", metavar="PLAN",
-                   help="TTA plan: none, hflip, vflip, flip, d4, center-crop=S, five-crop=S, ten-crop=S, "
-                        "scales=0.9,1,1.1; combine with '+' (default none)")
-    p.add_argument("--merge", default="mean-logits", metavar="RULE",
-                   help="merge over TTA views: mean-logits (default), mean-probs, gmean-probs, max-probs")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    p.add_argument("--no-cache", dest="use_cache", action="store_false",
-                   help="force a forward pass instead of reusing cached logits")
-    p.add_argument("--cache-dir", default=None, metavar="PATH",
-                   help="logit cache (default $ENSEMBLER_CACHE/logits or <registry>/../.ensembler_cache/logits)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help=f"decode processes (default {_default_workers()})")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
 
 
 def register(sub) -> None:
@@ -53,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member, in --members order")
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="recipe JSON from tune-weights: its members, temperatures, weights and class biases")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.add_argument("--out", required=True, metavar="CSV", help="submission file, e.g. submissions/soft.csv")
     p.add_argument("--probs", action="store_true", help="add prob_<class> columns (not for the mask eval layout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission with different content")
@@ -75,7 +53,7 @@ def register(sub) -> None:
                         "--vote; with --logits of `ensembler infer` output: the members to use (default all)")
     p.add_argument("--vote", choices=VOTES, default="soft", help="how several members are combined (default soft)")
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix there (default: none)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -103,7 +81,7 @@ def cmd_predict(args) -> int:
     res = predict(table, args.registry, members=args.members, vote=args.vote, weights=weights, recipe=args.recipe,
                   tta=args.tta, merge=args.merge, backend=args.backend, out=args.out, with_probs=args.probs,
                   overwrite=args.overwrite, use_cache=args.use_cache, batch_size=args.batch_size,
-                  workers=_default_workers() if args.workers is None else args.workers, device=args.device,
+                  workers=default_workers() if args.workers is None else args.workers, device=args.device,
                   cache_dir=args.cache_dir, progress=True)
     sub = res.submission
     con = console()
@@ -160,7 +138,7 @@ def cmd_evaluate(args) -> int:
     res = evaluate(table, args.registry, logits=args.logits, recipe=args.recipe, members=members, vote=args.vote,
                    weights=weights, tta=args.tta, merge=args.merge, backend=args.backend, plot=args.plot,
                    use_cache=args.use_cache, batch_size=args.batch_size,
-                   workers=_default_workers() if args.workers is None else args.workers, device=args.device,
+                   workers=default_workers() if args.workers is None else args.workers, device=args.device,
                    cache_dir=args.cache_dir, progress=True)
     con = console()
     con.print(f"[bold]{escape(res.name)}[/] on {res.rows} rows: macro-F1 [bold]{res.f1:.4f}[/], accuracy {res.acc:.4f}"
