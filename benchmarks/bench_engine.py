@@ -4,16 +4,20 @@ One command::
 
     python benchmarks/bench_engine.py [--quick] [--images 256] [--batch-size 16] [--tta flip]
 
-Writes real JPEGs (256x256; 64 of them, 16 with --quick) to a temp folder, registers ``resnet18`` and ``efficientnet_b0``
+Writes real JPEGs (256x256; 128 of them, 16 with --quick) to a temp folder, registers ``resnet18`` and ``efficientnet_b0``
 (``pretrained=False``, 224 px, timm eval preprocessing) in a temp registry, then measures on
 the same images, one after another in this process:
 
-- ``model-only``: the model on random tensors already normalised, ``batch x views`` per forward
-  (no decode, no views, no merge): the ceiling;
+- ``model-only``: the model on random tensors already normalised, ``batch x views`` images
+  run with the engine's own forward settings (channels-last; 8 images per forward on a CPU,
+  all at once on CUDA; AMP on CUDA) with no decode, no views, no merge: the ceiling;
 - ``engine``: ``predict_members`` end to end (decode in a DataLoader, normalise, views on the
   device, forward, merge; cache off);
 - ``ttach``: ``ttach.ClassificationTTAWrapper`` with the same views and batch, fed by the
-  same DataLoader (same decode and workers), one forward per view;
+  same DataLoader (same decode and workers), one forward per view, the model as users
+  usually hand it over (contiguous);
+- ``ttach-cl``: the same with the model and input in channels-last, so the comparison is
+  not only about memory format; ``engine_over_ttach`` uses the faster of the two;
 - ``engine-onnx``: ``predict_members(backend="onnx")`` (export done before timing).
 
 The four paths run interleaved for ``--rounds`` rounds and each keeps its fastest round, so
@@ -30,6 +34,7 @@ case); ``onnx_over_torch`` is engine-onnx / engine (torch) for efficientnet_b0.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -68,7 +73,7 @@ def _timed(fn) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 images, 1 round: a smoke run, noisy numbers")
-    parser.add_argument("--images", type=int, default=None, help="images to write (default 64; --quick 16)")
+    parser.add_argument("--images", type=int, default=None, help="images to write (default 128; --quick 16)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds over all paths, interleaved; each path keeps its fastest (default 3; --quick 1)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -87,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     from ensembler.data import SampleTable
     from ensembler.infer import export_onnx, parse_tta, predict_members
     from ensembler.infer.engine import TorchForward, _make_loader, _resolve_device, _resolve_precision
+    from ensembler.infer.tta import default_chunk_size, forward_chunked
     from ensembler.labels import LabelSpace
     from ensembler.models import create_model
     from ensembler.preprocess import Preprocess
     from ensembler.registry import Registry
 
-    n_images = args.images or (16 if args.quick else 64)
+    n_images = args.images or (16 if args.quick else 128)
     rounds = args.rounds or (1 if args.quick else 3)
     workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
     device = _resolve_device(args.device)
@@ -128,25 +134,33 @@ def main(argv: list[str] | None = None) -> int:
             common = dict(tta=plan, batch_size=bs, workers=workers, device=device, use_cache=False,
                           progress=False, cache_dir=tmp / "cache")
 
+            chunk = default_chunk_size(device)
+
             def model_only():
                 x = torch.randn(bs * views, 3, *pre.input_size, device=device)
                 with torch.inference_mode():
                     for _ in range(0, n_images, bs):
-                        forward(x)
+                        forward_chunked(forward, x, chunk)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
             def engine(backend="torch"):
                 predict_members(table, arch, reg, backend=backend, **common)
 
-            wrapper = ttach.ClassificationTTAWrapper(model, ttach_transforms[plan.spec], merge_mode="mean")
+            plain = reg.load_model(entry, device=str(device))
+            wrapper = ttach.ClassificationTTAWrapper(plain, ttach_transforms[plan.spec], merge_mode="mean")
+            wrapper_cl = ttach.ClassificationTTAWrapper(
+                copy.deepcopy(plain).to(memory_format=torch.channels_last), ttach_transforms[plan.spec],
+                merge_mode="mean")
 
-            def ttach_run():
+            def ttach_run(w=wrapper, channels_last=False):
                 loader = _make_loader(list(table.paths), pre, bs, workers, pin=device.type == "cuda")
                 with torch.inference_mode():
                     for _, images, _ in loader:
                         x = pre.normalize(images.to(device, non_blocking=True))
-                        wrapper(x).cpu()
+                        if channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        w(x).cpu()
 
             # warm-up (allocator, oneDNN kernels, ORT session build is inside the engine run)
             with torch.inference_mode():
@@ -158,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             # machine then hits every path alike instead of whichever ran during a busy spell.
             for r in range(rounds):
                 for name, fn in (("model-only", model_only), ("engine", engine), ("ttach", ttach_run),
+                                 ("ttach-cl", lambda: ttach_run(wrapper_cl, True)),
                                  ("engine-onnx", lambda: engine("onnx"))):
                     seconds = _timed(fn)
                     timings[name] = min(timings.get(name, float("inf")), seconds)
@@ -165,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                                   highlight=False)
             ips = {k: n_images / v for k, v in timings.items()}
             ratios[arch] = {"e2e_over_model": ips["engine"] / ips["model-only"],
-                            "engine_over_ttach": ips["engine"] / ips["ttach"],
+                            "engine_over_ttach": ips["engine"] / max(ips["ttach"], ips["ttach-cl"]),
                             "onnx_over_torch": ips["engine-onnx"] / ips["engine"]}
-            for name in ("model-only", "engine", "ttach", "engine-onnx"):
+            for name in ("model-only", "engine", "ttach", "ttach-cl", "engine-onnx"):
                 rows.append((arch, name, ips[name], ips[name] / ips["model-only"]))
             console.print(f"  {arch}: onnx parity max abs diff {exported.max_abs_diff:.2e}", highlight=False)
 

@@ -225,3 +225,26 @@ def test_cli_infer_writes_member_logits(setup, tmp_path, monkeypatch):
     np.testing.assert_array_equal(got["eff"].logits, direct["eff"].logits)
     assert main(argv[:-4] + ["--merge", "tsharpen", "--out", str(out)]) == 2
     assert len(LogitStore(cache).entries()) == 3
+
+
+@pytest.mark.parametrize("chunk_size, expected_max", [(None, 8), (3, 3), (64, 7 * 4)])
+def test_cpu_forwards_are_chunked_and_channels_last(setup, monkeypatch, chunk_size, expected_max):
+    # On a CPU small forwards are faster per image (see tta.CPU_CHUNK_SIZE), so by default
+    # the 7 images x 4 flip views run 8 at a time, in channels-last, with the same result.
+    table, reg, cache = setup
+    seen = []
+    real_load = Registry.load_model
+
+    def spying_load(self, entry, device="cpu"):
+        model = real_load(self, entry, device)
+        model.register_forward_hook(
+            lambda m, i, o: seen.append((i[0].shape[0], i[0].is_contiguous(memory_format=torch.channels_last))))
+        return model
+
+    monkeypatch.setattr(Registry, "load_model", spying_load)
+    out = predict_members(table, "eff", reg, tta="flip", batch_size=16, cache_dir=cache, use_cache=False,
+                          chunk_size=chunk_size, progress=False)["eff"]
+    assert max(n for n, _ in seen) == expected_max and sum(n for n, _ in seen) == 7 * 4
+    assert all(cl for _, cl in seen)
+    monkeypatch.setattr(Registry, "load_model", real_load)
+    np.testing.assert_allclose(out.logits, _alone(reg, "eff", table, "flip"), atol=1e-4)

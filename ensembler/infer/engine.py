@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import DataError, EnsemblerError, ImageDecodeError, LogitError
 from .store import LogitStore, MemberLogits, default_cache_dir
-from .tta import build_views, check_merge, forward_chunked, merge_views, parse_tta
+from .tta import build_views, check_merge, default_chunk_size, forward_chunked, merge_views, parse_tta
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -147,13 +147,18 @@ def _resolve_precision(amp, device, backend: str) -> str:
 
 
 class TorchForward:
-    """Callable running a model on a float batch: channels-last and autocast on CUDA."""
+    """Callable running a model on a float batch: channels-last, and autocast on CUDA.
+
+    Channels-last is on by default on CUDA and on the CPU alike: oneDNN's convolutions are
+    faster in it too (measured on 2 cores at 16 images: efficientnet_b0 115 vs 56 images/s,
+    resnet18 68 vs 57).
+    """
 
     def __init__(self, model, device, precision: str = "fp32", channels_last: bool | None = None):
         import torch
 
         self.device = torch.device(device)
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.channels_last = True if channels_last is None else channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -240,7 +245,9 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
     progress : bool
         Show a rich progress bar over images.
     chunk_size : int, optional
-        Images per forward (default ``batch_size x views``); halved on out-of-memory.
+        Images per forward, halved on out-of-memory. Default: ``batch_size x views`` (every
+        view in one forward) on CUDA; 8 on a CPU, where smaller forwards are faster per image
+        (see :func:`ensembler.infer.tta.default_chunk_size`).
     onnx_threads : int, optional
         onnxruntime intra-op threads (default ``torch.get_num_threads()``).
 
@@ -368,7 +375,7 @@ def _run_group(table, group, registry, *, plan, merge, backend, batch_size, work
                 model = torch.compile(model)
             fwd = TorchForward(model, device, precision)
         resize_to = e.pre.input_size if e.pre.fixed_input_size else None
-        forwards.append([e, fwd, resize_to, chunk_size])
+        forwards.append([e, fwd, resize_to, chunk_size if chunk_size is not None else default_chunk_size(device)])
 
     pre = group[0].pre
     loader = _make_loader(list(table.paths), pre, batch_size, workers, pin=device.type == "cuda")

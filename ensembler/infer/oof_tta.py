@@ -42,7 +42,7 @@ from ..metrics import classification_scores
 from .engine import (BACKENDS, TorchForward, _make_loader, _progress_bar, _resolve_device, _resolve_precision,
                      _views_joint)
 from .store import LogitStore, default_cache_dir
-from .tta import MERGE_RULES, View, check_merge, merge_views, parse_tta
+from .tta import MERGE_RULES, View, check_merge, default_chunk_size, merge_views, parse_tta
 
 __all__ = ["TTAScore", "TTAReport", "tta_report", "oof_tta_filename", "IDENTITY_ROW"]
 
@@ -231,7 +231,8 @@ def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "m
     amp : {"auto", "fp16", "bf16", False}
         Autocast precision on CUDA, as the engine (CPU runs fp32).
     chunk_size : int, optional
-        Images per forward (default ``batch_size x views``), halved on out-of-memory.
+        Images per forward, halved on out-of-memory (default as the engine: all views at once
+        on CUDA, 8 on a CPU).
     onnx_threads : int, optional
         onnxruntime intra-op threads.
     progress : bool
@@ -439,6 +440,8 @@ def _fold_views(sub, entry, registry, plan, extra_identity: bool, *, backend, ba
     resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
     identity_plan = parse_tta("none")
     loader = _make_loader(list(sub.paths), entry.pre, batch_size, workers, pin=device.type == "cuda")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(device)
     outs, chunk, chunk_id = [], chunk_size, chunk_size
     with torch.inference_mode():
         for _, images, errors in loader:
