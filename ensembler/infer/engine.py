@@ -146,6 +146,26 @@ def _resolve_precision(amp, device, backend: str) -> str:
     raise EnsemblerError(f"amp must be 'auto', 'fp16', 'bf16' or False, got {amp!r}")
 
 
+def check_run_args(registry, tta, merge, backend, batch_size, workers):
+    """Validate what every engine run takes; returns ``(registry, plan, merge)``.
+
+    ``registry=None`` means the default registry; ``tta`` and ``merge`` are parsed.
+    """
+    if registry is None:
+        from ..registry import Registry
+
+        registry = Registry()
+    plan = parse_tta(tta)
+    merge = check_merge(merge)
+    if backend not in BACKENDS:
+        raise EnsemblerError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if int(batch_size) < 1:
+        raise EnsemblerError(f"batch_size must be >= 1, got {batch_size}")
+    if int(workers) < 0:
+        raise EnsemblerError(f"workers must be >= 0, got {workers}")
+    return registry, plan, merge
+
+
 class TorchForward:
     """Callable running a model on a float batch: channels-last, and autocast on CUDA.
 
@@ -268,18 +288,7 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
     >>> out["resnet18"].logits.shape  # doctest: +SKIP
     (1200, 18)
     """
-    if registry is None:
-        from ..registry import Registry
-
-        registry = Registry()
-    plan = parse_tta(tta)
-    merge = check_merge(merge)
-    if backend not in BACKENDS:
-        raise EnsemblerError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if int(batch_size) < 1:
-        raise EnsemblerError(f"batch_size must be >= 1, got {batch_size}")
-    if int(workers) < 0:
-        raise EnsemblerError(f"workers must be >= 0, got {workers}")
+    registry, plan, merge = check_run_args(registry, tta, merge, backend, batch_size, workers)
     if len(table) == 0:
         raise DataError("the data has no images: nothing to predict")
 

@@ -39,7 +39,7 @@ import numpy as np
 from .._io import save_npz_atomic, write_json_atomic
 from ..errors import EnsemblerError, ImageDecodeError, LogitError, RegistryError
 from ..metrics import classification_scores
-from .engine import (BACKENDS, TorchForward, _make_loader, _progress_bar, _resolve_device, _resolve_precision,
+from .engine import (TorchForward, check_run_args, _make_loader, _progress_bar, _resolve_device, _resolve_precision,
                      _views_joint)
 from .store import LogitStore, default_cache_dir
 from .tta import MERGE_RULES, View, check_merge, default_chunk_size, merge_views, parse_tta
@@ -264,18 +264,7 @@ def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "m
 
     from ..ensemble.members import load_oof
 
-    if registry is None:
-        from ..registry import Registry
-
-        registry = Registry()
-    plan = parse_tta(tta)
-    merge = check_merge(merge)
-    if backend not in BACKENDS:
-        raise EnsemblerError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if int(batch_size) < 1:
-        raise EnsemblerError(f"batch_size must be >= 1, got {batch_size}")
-    if int(workers) < 0:
-        raise EnsemblerError(f"workers must be >= 0, got {workers}")
+    registry, plan, merge = check_run_args(registry, tta, merge, backend, batch_size, workers)
 
     entries = registry.family(family)  # RegistryError naming an unknown family
     by_fold: dict[int, Any] = {}
