@@ -366,6 +366,31 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
     return out
 
 
+def load_forward(registry, entry, *, backend, device, precision="fp32", compile=False, onnx_threads=None):
+    """The callable that runs one checkpoint on a normalised batch: onnxruntime (its sha256
+    checked) or the torch model in eval mode, channels-last, with autocast on CUDA."""
+    if backend == "onnx":
+        from .onnx import load_onnx_forward
+
+        return load_onnx_forward(registry, entry, device=device, threads=onnx_threads)
+    import torch
+
+    model = registry.load_model(entry, device=str(device))
+    model.eval()
+    if compile:
+        model = torch.compile(model)
+    return TorchForward(model, device, precision)
+
+
+def raise_decode_errors(errors) -> None:
+    """Loader workers return decode failures as data (``path\0reason``): raise the first,
+    naming the file (a DataLoader would otherwise wrap it and lose the name)."""
+    bad = [err for err in errors if err]
+    if bad:
+        path, _, reason = bad[0].partition("\0")
+        raise ImageDecodeError(path, reason)
+
+
 def _run_group(table, group, registry, *, plan, merge, backend, batch_size, workers, device, precision,
                compile, chunk_size, onnx_threads, advance, timings) -> dict[str, np.ndarray]:
     """One decode pass over the table for checkpoints sharing a geometry; returns logits per checkpoint."""
@@ -373,16 +398,8 @@ def _run_group(table, group, registry, *, plan, merge, backend, batch_size, work
 
     forwards = []
     for e in group:
-        if backend == "onnx":
-            from .onnx import load_onnx_forward
-
-            fwd = load_onnx_forward(registry, e, device=device, threads=onnx_threads)
-        else:
-            model = registry.load_model(e, device=str(device))
-            model.eval()
-            if compile:
-                model = torch.compile(model)
-            fwd = TorchForward(model, device, precision)
+        fwd = load_forward(registry, e, backend=backend, device=device, precision=precision, compile=compile,
+                           onnx_threads=onnx_threads)
         resize_to = e.pre.input_size if e.pre.fixed_input_size else None
         forwards.append([e, fwd, resize_to, chunk_size if chunk_size is not None else default_chunk_size(device)])
 
@@ -391,10 +408,7 @@ def _run_group(table, group, registry, *, plan, merge, backend, batch_size, work
     outs: dict[str, list] = {e.id: [] for e in group}
     with torch.inference_mode():
         for _, images, errors in loader:
-            bad = [err for err in errors if err]
-            if bad:
-                path, _, reason = bad[0].partition("\0")
-                raise ImageDecodeError(path, reason)
+            raise_decode_errors(errors)
             x = images.to(device, non_blocking=True)
             for slot in forwards:
                 e, fwd, resize_to, chunk = slot

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 
 from .._io import save_npz_atomic, write_json_atomic
-from ..errors import EnsemblerError, ImageDecodeError, LogitError, RegistryError
+from ..errors import EnsemblerError, LogitError, RegistryError
 from ..metrics import classification_scores
-from .engine import (TorchForward, check_run_args, _make_loader, _progress_bar, _resolve_device, _resolve_precision,
-                     _views_joint)
+from .engine import (_make_loader, _progress_bar, _resolve_device, _resolve_precision, _views_joint, check_run_args,
+                     load_forward, raise_decode_errors)
 from .store import LogitStore, default_cache_dir
 from .tta import MERGE_RULES, View, check_merge, default_chunk_size, merge_views, parse_tta
 
@@ -418,14 +418,8 @@ def _fold_views(sub, entry, registry, plan, extra_identity: bool, *, backend, ba
     """
     import torch
 
-    if backend == "onnx":
-        from .onnx import load_onnx_forward
-
-        fwd = load_onnx_forward(registry, entry, device=device, threads=onnx_threads)
-    else:
-        model = registry.load_model(entry, device=str(device))
-        model.eval()
-        fwd = TorchForward(model, device, precision)
+    fwd = load_forward(registry, entry, backend=backend, device=device, precision=precision,
+                       onnx_threads=onnx_threads)
     resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
     identity_plan = parse_tta("none")
     loader = _make_loader(list(sub.paths), entry.pre, batch_size, workers, pin=device.type == "cuda")
@@ -434,10 +428,7 @@ def _fold_views(sub, entry, registry, plan, extra_identity: bool, *, backend, ba
     outs, chunk, chunk_id = [], chunk_size, chunk_size
     with torch.inference_mode():
         for _, images, errors in loader:
-            bad = [err for err in errors if err]
-            if bad:
-                path, _, reason = bad[0].partition("\0")
-                raise ImageDecodeError(path, reason)
+            raise_decode_errors(errors)
             x = entry.pre.normalize(images.to(device, non_blocking=True))
             joint, chunk = _views_joint(fwd, x, plan, entry, entry.labels, resize_to, chunk)
             if extra_identity:
