@@ -60,6 +60,18 @@ def write_mask_eval(root: Path, n: int = 6, size=(24, 32), seed: int = 1) -> Pat
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test: the CI machine's 2 cores are shared by parallel
+    runs, and one thread is several times faster than two under contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def mask_tree(tmp_path) -> Path:
     return write_mask_tree(tmp_path / "train")
 

@@ -18,13 +18,7 @@ from ensembler.registry import Registry
 from ensembler.train import TrainConfig, train_folds
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # 2 shared cores: one intra-op thread is faster than two under contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from ensembler.train.curves import CSV_COLUMNS
 from conftest import write_mask_tree
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # The CI machine has 2 cores shared by parallel test runs: one intra-op thread is
-    # several times faster than two under contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
