@@ -8,11 +8,13 @@ import pytest
 
 from ensembler.ensemble import (
     caruana_select,
+    class_prior_nll,
+    fit_blend,
     fit_class_biases,
     member_probabilities,
+    no_signal_members,
     scipy_weights,
     tune_weights,
-    vote,
 )
 from ensembler.errors import LogitError
 from ensembler.metrics import macro_f1
@@ -29,10 +31,11 @@ def synthetic_oof(n=4000, c=6, seed=0, class_probs=None):
     return {"good": good, "fair": fair, "noise": noise}, y, folds
 
 
+@pytest.mark.parametrize("temperature", [False, True])
 @pytest.mark.parametrize("metric", ["f1", "acc", "logloss"])
-def test_caruana_gives_noise_member_near_zero_weight_and_honest_beats_uniform(metric):
+def test_caruana_gives_noise_member_near_zero_weight_and_honest_beats_uniform(metric, temperature):
     members, y, folds = synthetic_oof()
-    res = tune_weights(members, y, folds, method="caruana", metric=metric, temperature=False)
+    res = tune_weights(members, y, folds, method="caruana", metric=metric, temperature=temperature)
     w = dict(zip(res.recipe.names, res.recipe.weights))
     assert w["noise"] <= 0.05, w
     assert w["good"] > 0.3 and w["fair"] > 0.2
@@ -54,19 +57,36 @@ def test_scipy_gives_noise_member_zero_weight_and_honest_beats_uniform(temperatu
     assert res.honest["mean"] > res.recipe.scores["soft_uniform"]["f1"]
 
 
-def test_caruana_with_temperatures_neutralises_the_noise_member():
-    # With temperatures the noise member's T runs to the upper bound: its probabilities are
-    # ~uniform, so whatever count Caruana gives it barely moves a prediction.
+def test_member_without_signal_is_left_out_and_said_so():
+    # Calibrated, the noise member's T runs to the upper bound and its probabilities are ~flat:
+    # adding it is a near no-op, which greedy selection used to pad the blend with (weight
+    # 0.78 on such a member in a 3-member case) whenever adding a real member unbalanced it.
     members, y, folds = synthetic_oof(seed=2)
-    res = tune_weights(members, y, folds, method="caruana", metric="f1", temperature=True, honest=False)
+    res = tune_weights(members, y, folds, method="caruana", metric="f1", temperature=True)
     t = dict(zip(res.recipe.names, res.recipe.temperatures))
-    assert t["noise"] > 15
-    logits = {k: v for k, v in members.items()}
-    pred, _ = res.recipe.apply(logits)
-    keep = [i for i, m in enumerate(res.recipe.members) if m.name != "noise"]
-    z = [members[res.recipe.names[i]] / res.recipe.temperatures[i] for i in keep]
-    pred_without = vote(z, "weighted", weights=res.recipe.weights[keep]).pred
-    assert (pred == pred_without).mean() > 0.98
+    w = dict(zip(res.recipe.names, res.recipe.weights))
+    assert t["noise"] > 15 and w["noise"] == 0.0
+    assert 2 in res.fit.no_signal and set(res.fit.no_signal) == {2}
+    nll, prior = res.fit.no_signal[2]
+    assert nll >= prior and prior == pytest.approx(class_prior_nll(y, 6))
+    row = next(r for r in res.rows if r["name"] == "noise")
+    assert row["note"].startswith("no signal: calibrated log-loss") and "left out" in row["note"]
+    # informative members are never left out, however weak
+    assert no_signal_members(np.stack([members["good"], members["fair"]]), y) == {}
+
+
+def test_every_member_without_signal_leaves_the_blend_as_it_is():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 400)
+    noise = rng.normal(size=(3, 400, 4))
+    fit = fit_blend(noise, y, method="caruana", metric="f1", rounds=5)
+    assert fit.no_signal == {} and fit.weights.sum() == pytest.approx(1.0)
+
+
+def test_class_prior_nll_is_the_log_loss_of_predicting_frequencies():
+    y = np.array([0, 0, 0, 1])
+    freq = (np.array([3, 1]) + 0.5) / (4 + 1.0)
+    assert class_prior_nll(y, 2) == pytest.approx(-np.mean(np.log(freq[y])))
 
 
 def test_caruana_rules_on_a_hand_made_case():

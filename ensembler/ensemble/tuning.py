@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import LogitError
-from ..metrics import classification_scores, per_class_f1
+from ..metrics import classification_scores, log_loss, per_class_f1
 from .calibration import TemperatureFit, calibrate, fit_temperature
 from .members import Member, align_members
 from .recipe import Recipe, RecipeMember
@@ -301,6 +301,35 @@ class BlendFit:
     class_biases: np.ndarray | None
     caruana: CaruanaResult | None = None
     timings: dict = field(default_factory=dict)
+    no_signal: dict = field(default_factory=dict)  # member index -> (calibrated NLL, class-prior NLL)
+
+
+def class_prior_nll(labels, num_classes: int) -> float:
+    """Log-loss of always predicting the class frequencies: the score of knowing nothing."""
+    y = np.asarray(labels, dtype=np.int64)
+    freq = (np.bincount(y, minlength=num_classes) + 0.5) / (len(y) + 0.5 * num_classes)
+    return float(-np.log(freq[y]).mean())
+
+
+def no_signal_members(logits: np.ndarray, labels, temperatures: np.ndarray | None = None) -> dict:
+    """Members whose temperature-calibrated log-loss is no better than the class prior's.
+
+    Such a member carries no information about the labels. Calibrated, its probabilities are
+    nearly constant (its temperature runs to the search bound), so adding it to a blend is a
+    near no-op: greedy selection then pads the ensemble with it whenever adding a real member
+    would unbalance the blend, and reports a large weight on noise. Returns
+    ``{index: (calibrated_nll, prior_nll)}``.
+    """
+    logits = np.asarray(logits)
+    y = np.asarray(labels, dtype=np.int64)
+    prior = class_prior_nll(y, logits.shape[2])
+    out = {}
+    for i in range(logits.shape[0]):
+        t = fit_temperature(logits[i], y) if temperatures is None else float(temperatures[i])
+        nll = log_loss(y, logits[i] / t)
+        if nll >= prior - 1e-6:
+            out[i] = (nll, prior)
+    return out
 
 
 def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: str = "f1", rounds: int = 50,
@@ -326,13 +355,24 @@ def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: st
     t0 = time.perf_counter()
     probs = member_probabilities(logits, temps)
     timings["probabilities_s"] = time.perf_counter() - t0
+    # Members with no signal are left out of the selection (weight 0); if every member is
+    # such, nothing is left out and the blend is as good as the data allows.
+    silent = no_signal_members(logits, y, temps if temperature else None)
+    keep = np.array([i for i in range(m) if i not in silent]) if len(silent) < m else np.arange(m)
+    if len(keep) == m:
+        silent = {}
     t0 = time.perf_counter()
     car = None
+    weights = np.zeros(m)
     if method == "caruana":
-        car = caruana_select(probs, y, metric, rounds)
-        weights = car.weights
+        car = caruana_select(probs[keep], y, metric, rounds)
+        weights[keep] = car.weights
+        if len(keep) < m:
+            counts = np.zeros(m, dtype=car.counts.dtype)
+            counts[keep] = car.counts
+            car = CaruanaResult(weights.copy(), counts, car.history, car.best_round)
     else:
-        weights = scipy_weights(probs, y)
+        weights[keep] = scipy_weights(probs[keep], y)
     timings[f"{method}_s"] = time.perf_counter() - t0
     biases = None
     if class_bias:
@@ -342,7 +382,7 @@ def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: st
         b = fit_class_biases(np.log(np.maximum(blend, 1e-300)), y, metric, bias_grid, sweeps)
         biases = b if np.any(b != 0) else None
         timings["class_bias_s"] = time.perf_counter() - t0
-    return BlendFit(temps, weights, biases, car, timings)
+    return BlendFit(temps, weights, biases, car, timings, silent)
 
 
 # ---------------------------------------------------------------------------- the whole job
@@ -471,6 +511,15 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     -------
     TuneResult
 
+    Notes
+    -----
+    A member whose temperature-calibrated log-loss is no better than the class prior's
+    (:func:`no_signal_members`) carries no information and gets weight 0, with a note in its
+    table row. Calibrated, such a member predicts nearly constant probabilities; adding it to
+    a blend changes almost nothing, so greedy selection would otherwise pad the ensemble with
+    it (and report a large weight on noise) whenever adding a real member unbalanced the
+    blend. The rule runs inside every honest-score fold as part of the tuning.
+
     Examples
     --------
     >>> import numpy as np
@@ -568,6 +617,10 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     for i, r in enumerate(rows[:m]):
         r["weight"] = float(fit.weights[i])
         r["temperature"] = float(fit.temperatures[i])
+        if i in fit.no_signal:
+            nll, prior = fit.no_signal[i]
+            r["note"] = (f"no signal: calibrated log-loss {nll:.3f} >= class prior {prior:.3f}; "
+                         "left out of the blend")
     rows.append(_row(f"tuned {method} (in-sample)", "tuned", in_sample, note="flattered: tuned on these rows"))
     if honest_res is not None:
         rows.append(_row(f"tuned {method} (honest, {len(fold_values)}-fold)", "honest", honest_res["pooled"],
