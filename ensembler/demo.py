@@ -63,9 +63,11 @@ class DemoResult:
     ----------
     out_dir : Path
     rows : list of dict
-        The comparison table: ``name``, ``kind`` (member/hard/soft/tuned), ``oof_f1``,
+        The comparison table: ``name``, ``kind`` (member/hard/soft/tuned/recipe), ``oof_f1``,
         ``oof_acc`` (on the training set's OOF rows; for the tuned blend in-sample),
-        ``honest_f1`` (tuned only: nested CV), ``test_f1``, ``test_acc`` (held-out part).
+        ``honest_f1`` (nested CV for the tuned blend; the OOF score of untuned candidates),
+        ``test_f1``, ``test_acc`` (held-out part), ``ships`` (the candidate the recipe ships;
+        the ``recipe`` row is that recipe run through ``predict``).
     recipe : Recipe
     prediction : PredictionResult
         The tuned ensemble's prediction of the held-out part (with ``.submission``).
@@ -91,7 +93,13 @@ class DemoResult:
 
     @property
     def tuned(self) -> dict:
+        """The tuned blend's row (whether it ships or not)."""
         return next(r for r in self.rows if r["kind"] == "tuned")
+
+    @property
+    def shipped(self) -> dict:
+        """The row of what the recipe ships: ``kind="recipe"``, scored through ``predict --recipe``."""
+        return next(r for r in self.rows if r["kind"] == "recipe")
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -221,25 +229,34 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
 
     rows = []
     member_logits = dict(soft.member_logits)  # engine output over the held-out part (shared cache)
+    ships = tuned.decision.name
     for name in names:
         f1, acc = scores(vote({name: member_logits[name].logits}, "soft").pred)
         r = oof_rows[name]
-        rows.append({"name": name, "kind": "member", "oof_f1": r["f1"], "oof_acc": r["acc"], "honest_f1": None,
-                     "test_f1": f1, "test_acc": acc, "weight": r["weight"], "note": dict(ARCHS)[name]})
+        rows.append({"name": name, "kind": "member", "oof_f1": r["f1"], "oof_acc": r["acc"], "honest_f1": r["f1"],
+                     "test_f1": f1, "test_acc": acc, "weight": r["weight"], "note": dict(ARCHS)[name],
+                     "ships": name == ships})
     for label, kind, res, key in (("hard vote", "hard", hard, "hard vote"),
                                   ("soft vote (uniform)", "soft", soft, "soft vote (uniform)")):
         f1, acc = scores(res.pred)
         note = f"ties {res.tie_rate:.1%} → smallest class" if res.tie_rate is not None else ""
         rows.append({"name": label, "kind": kind, "oof_f1": oof_rows[key]["f1"], "oof_acc": oof_rows[key]["acc"],
-                     "honest_f1": None, "test_f1": f1, "test_acc": acc, "weight": None, "note": note})
+                     "honest_f1": oof_rows[key]["f1"], "test_f1": f1, "test_acc": acc, "weight": None, "note": note,
+                     "ships": label == ships})
+    # The tuned blend on the held-out part, whether it ships or not (from the cached member logits).
+    blend = tuned.tuned_recipe
+    f1, acc = scores(blend.apply({n: member_logits[n].logits for n in names})[0])
+    honest = tuned.honest or {}
+    rows.append({"name": f"tuned {blend.method} blend", "kind": "tuned", "oof_f1": tuned.in_sample["f1"],
+                 "oof_acc": tuned.in_sample["acc"], "honest_f1": (honest.get("pooled") or {}).get("f1"),
+                 "test_f1": f1, "test_acc": acc, "weight": None,
+                 "note": "weights " + ", ".join(f"{m.name}={m.weight:.2f}" for m in blend.members),
+                 "ships": tuned.decision.kind.startswith("tuned")})
     f1, acc = scores(tuned_pred.pred)
-    sc = tuned.recipe.scores
-    honest = (sc.get("honest") or {})
-    rows.append({"name": "tuned ensemble (recipe)", "kind": "tuned", "oof_f1": sc["in_sample"]["f1"],
-                 "oof_acc": sc["in_sample"]["acc"],
-                 "honest_f1": (honest.get("pooled") or {}).get("f1"), "test_f1": f1, "test_acc": acc,
-                 "weight": None,
-                 "note": "weights " + ", ".join(f"{m.name}={m.weight:.2f}" for m in tuned.recipe.members)})
+    rows.append({"name": "recipe (what ships)", "kind": "recipe", "oof_f1": tuned.recipe.scores["in_sample"]["f1"],
+                 "oof_acc": tuned.recipe.scores["in_sample"]["acc"],
+                 "honest_f1": ((tuned.recipe.scores.get("honest") or {}).get("pooled") or {}).get("f1"),
+                 "test_f1": f1, "test_acc": acc, "weight": None, "note": tuned.decision.reason, "ships": False})
 
     per_class, cm = per_class_table(y, tuned_pred.pred, test.label_space.classes)
     artifacts["confusion matrix"] = plot_confusion_matrix(

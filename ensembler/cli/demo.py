@@ -27,6 +27,7 @@ def _fmt(x, digits=4):
 
 
 def cmd_demo(args) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from ..demo import run_demo
@@ -38,15 +39,22 @@ def cmd_demo(args) -> int:
     table = Table(title=f"digits: {res.train_rows} training images (3 grouped folds), {res.test_rows} held out; "
                         f"{res.epochs} epoch(s); TTA {res.tta}", title_justify="left")
     for col, just in (("member / ensemble", "left"), ("OOF F1", "right"), ("OOF acc", "right"),
-                      ("honest F1", "right"), ("held-out F1", "right"), ("held-out acc", "right"), ("note", "left")):
-        table.add_column(col, justify=just)
+                      ("honest F1", "right"), ("held-out F1", "right"), ("held-out acc", "right"), ("ships", "left"),
+                      ("note", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "note")
     for r in res.rows:
-        style = "bold green" if r["kind"] == "tuned" else None
-        table.add_row(r["name"], _fmt(r["oof_f1"]), _fmt(r["oof_acc"]), _fmt(r["honest_f1"]), _fmt(r["test_f1"]),
-                      _fmt(r["test_acc"]), r["note"] or "", style=style)
+        style = {"recipe": "bold green", "tuned": "bold"}.get(r["kind"])
+        if r["kind"] == "recipe":
+            table.add_section()
+        table.add_row(escape(r["name"]), _fmt(r["oof_f1"]), _fmt(r["oof_acc"]), _fmt(r["honest_f1"]),
+                      _fmt(r["test_f1"]), _fmt(r["test_acc"]), "◀ ships" if r.get("ships") else "",
+                      escape(r["note"] or "") if r["kind"] != "recipe" else "", style=style)
     con.print(table)
-    con.print("OOF F1 of the tuned ensemble is in-sample (tuned on those rows); 'honest F1' repeats the tuning "
-              "with each fold held out. Held-out = the ~20% the models and the tuning never saw.", style="dim")
+    con.print(f"[bold]ships:[/] {escape(res.recipe.scores['ships']['reason'])}", highlight=False)
+    con.print("OOF F1 of the tuned blend is in-sample (tuned on those rows); its 'honest F1' repeats the tuning "
+              "with each fold held out (untuned candidates: their OOF F1). The recipe ships the tuned blend only "
+              "when its honest gain, paired over folds, beats the fold-to-fold noise. Held-out = the ~20% the "
+              "models and the tuning never saw.", style="dim")
     for note in res.notes:
         con.print(f"note: {note}", highlight=False)
     if res.prediction.repeat_message():

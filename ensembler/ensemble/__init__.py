@@ -15,12 +15,11 @@ from __future__ import annotations
 from .calibration import TemperatureFit, apply_temperature, calibrate, fit_temperature
 from .members import Member, align_members, compose_members, load_members, load_oof, registry_members
 from .recipe import RECIPE_VERSION, Recipe, RecipeError, RecipeMember
-from .tuning import (
+from .blend import (
     METHODS,
     METRICS,
     BlendFit,
     CaruanaResult,
-    TuneResult,
     caruana_select,
     class_prior_nll,
     fit_blend,
@@ -28,8 +27,9 @@ from .tuning import (
     member_probabilities,
     no_signal_members,
     scipy_weights,
-    tune_weights,
 )
+from .choice import Candidate, Decision, choose
+from .tuning import TuneResult, honest_score, temperature_at_bound, tune_weights
 from .voting import VOTE_RULES, VoteResult, check_weights, stack_member_logits, vote
 
 __all__ = [
@@ -38,7 +38,9 @@ __all__ = [
     "RECIPE_VERSION",
     "VOTE_RULES",
     "BlendFit",
+    "Candidate",
     "CaruanaResult",
+    "Decision",
     "Member",
     "Recipe",
     "RecipeError",
@@ -52,10 +54,12 @@ __all__ = [
     "caruana_select",
     "class_prior_nll",
     "check_weights",
+    "choose",
     "compose_members",
     "fit_blend",
     "fit_class_biases",
     "fit_temperature",
+    "honest_score",
     "load_members",
     "load_oof",
     "member_probabilities",
@@ -63,6 +67,7 @@ __all__ = [
     "registry_members",
     "scipy_weights",
     "stack_member_logits",
+    "temperature_at_bound",
     "tune_weights",
     "vote",
 ]

@@ -77,9 +77,10 @@ def plot_per_class_f1(per_class: Mapping[str, np.ndarray], classes: Sequence[str
 def write_tuning_plots(result, folder) -> dict[str, Path]:
     """``weights.png`` and ``per_class_f1.png`` of a :class:`~ensembler.ensemble.TuneResult` in ``folder``."""
     folder = Path(folder)
-    r = result.recipe
+    r = result.tuned_recipe or result.recipe  # the tuned blend's weights, whether it ships or not
+    ships = result.decision.name if result.decision is not None else None
     return {
         "weights": plot_weights(r.names, r.weights, folder / "weights.png", r.temperatures,
-                                title=f"{r.method} weights ({r.metric})"),
+                                title=f"tuned {r.method} weights ({r.metric})" + (f"; ships: {ships}" if ships else "")),
         "per_class_f1": plot_per_class_f1(result.per_class_f1, r.classes, folder / "per_class_f1.png"),
     }

@@ -1,388 +1,31 @@
-"""Weight tuning on out-of-fold logits, with an honest (nested cross-validated) score.
+"""``tune-weights``: tune an ensemble on out-of-fold logits, score it honestly, decide what ships.
 
-Steps of one tuning (:func:`fit_blend`), all on OOF rows:
-
-1. **Temperatures** (optional): one per member, :func:`~ensembler.ensemble.calibration.fit_temperature`.
-2. **Weights** on the simplex, by one of
-
-   - ``caruana``: greedy ensemble selection with replacement starting from an empty
-     ensemble (Caruana et al. 2004, as AutoGluon does it): each round adds the member whose
-     addition gives the best metric of the soft blend (probabilities averaged by counts);
-     ties prefer a member already chosen, then the lower index; the ensemble is cut back to
-     its best round and ``weights = counts / rounds kept``. A running sum keeps each
-     candidate at O(N·C).
-   - ``scipy``: L-BFGS-B on a softmax parametrisation of the weights minimising the OOF
-     log-loss of the weighted soft blend, with an analytic gradient. Log-loss is used
-     whatever ``metric`` is: macro-F1 and accuracy are piecewise constant in the weights,
-     so a gradient method cannot follow them (Caruana and the class biases can).
-
-3. **Class biases** (optional): per-class additive biases on the blend's log-probabilities,
-   by coordinate ascent on macro-F1 (or accuracy) over a grid, a few sweeps, starting from
-   zero; kept only if they improve the score on the rows they were tuned on.
-
-:func:`tune_weights` runs that once on every OOF row (the recipe and its *in-sample*
-score) and again once per fold with that fold held out, scoring each held-out fold: the
-*honest* score, mean and per fold. A tuned blend always looks better in-sample than it is;
-the honest score is what to compare with a single member or a uniform vote.
+:func:`tune_weights` runs one tuning (:func:`~ensembler.ensemble.blend.fit_blend`:
+temperatures, Caruana or scipy weights, class biases) on every OOF row (the tuned blend and its
+*in-sample* score), then again once per fold with that fold held out, scoring each held-out
+fold: the *honest* score (:func:`honest_score`). A tuned blend always looks better in-sample
+than it is; the honest score is what to compare with a single member or a uniform vote, and
+:func:`ensembler.ensemble.choice.choose` does so fold by fold: the recipe ships the tuned blend
+only when its paired honest gain over the best simpler candidate exceeds the fold-to-fold noise,
+otherwise that simpler candidate.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import LogitError
-from ..metrics import classification_scores, log_loss, per_class_f1
-from .calibration import TemperatureFit, calibrate, fit_temperature
+from ..metrics import classification_scores, per_class_f1
+from .blend import (BlendFit, check_bias_metric, check_method, check_metric, check_rounds, fit_blend)
+from .calibration import DEFAULT_T_BOUNDS, TemperatureFit, calibrate
+from .choice import Candidate, Decision, choose
 from .members import Member, align_members
 from .recipe import Recipe, RecipeMember
 from .voting import vote
-
-METHODS = ("caruana", "scipy")
-METRICS = ("f1", "acc", "logloss")
-DEFAULT_BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 10)
-_EPS = 1e-15
-
-
-# ---------------------------------------------------------------------------- metric helpers
-def _confusions(y: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """Confusion matrices (K, C, C) of each row of ``preds`` (K, N) against ``y``, one bincount."""
-    k, c = preds.shape[0], num_classes
-    codes = (np.arange(k, dtype=np.int64)[:, None] * (c * c) + y[None, :] * c + preds).ravel()
-    return np.bincount(codes, minlength=k * c * c).reshape(k, c, c)
-
-
-def _scores_from_confusions(metric: str, cm: np.ndarray) -> np.ndarray:
-    tp = np.einsum("kii->ki", cm).astype(np.float64)
-    if metric == "acc":
-        return tp.sum(1) / np.maximum(cm.sum((1, 2)), 1)
-    denom = cm.sum(1) + cm.sum(2)
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).mean(1)
-
-
-def _decision_scores(metric: str, y: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    return _scores_from_confusions(metric, _confusions(y, preds, num_classes))
-
-
-def member_probabilities(logits: np.ndarray, temperatures=None, dtype=np.float32) -> np.ndarray:
-    """softmax(logits_m / T_m) for every member, ``(M, N, C)``, computed in ``dtype``."""
-    z = np.asarray(logits, dtype=dtype)
-    if temperatures is not None:
-        z = z / np.asarray(temperatures, dtype=dtype)[:, None, None]
-    else:
-        z = z.copy()
-    z -= z.max(axis=2, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=2, keepdims=True)
-    return z
-
-
-# ---------------------------------------------------------------------------- weight search
-@dataclass(frozen=True)
-class CaruanaResult:
-    weights: np.ndarray       # (M,), counts at the best round / rounds kept
-    counts: np.ndarray        # (M,), at the best round
-    history: list[float]      # ensemble score after each round (higher is better; -logloss for logloss)
-    best_round: int           # 1-based number of rounds kept
-
-
-def caruana_select(probs: np.ndarray, labels, metric: str = "f1", rounds: int = 50,
-                   chunk_elements: int = 1 << 22) -> CaruanaResult:
-    """Greedy ensemble selection with replacement, from an empty ensemble.
-
-    Parameters
-    ----------
-    probs : array (M, N, C)
-        Each member's probabilities (after temperatures).
-    labels : array (N,)
-    metric : {"f1", "acc", "logloss"}
-    rounds : int
-        Selection rounds (members added, repeats allowed).
-
-    Returns
-    -------
-    CaruanaResult
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> y = np.array([0, 1, 1, 0])
-    >>> good = np.array([[.9, .1], [.2, .8], [.3, .7], [.6, .4]])
-    >>> bad = good[:, ::-1]
-    >>> caruana_select(np.stack([bad, good]), y, "acc", rounds=5).weights.tolist()
-    [0.0, 1.0]
-    """
-    _check_metric(metric)
-    rounds = _check_rounds(rounds)
-    probs = np.asarray(probs)
-    m, n, c = probs.shape
-    y = np.asarray(labels, dtype=np.int64)
-    counts = np.zeros(m, dtype=np.int64)
-    history: list[float] = []
-    snapshots: list[np.ndarray] = []
-    if metric == "logloss":
-        # The blend of normalised probabilities is normalised: only the true class matters.
-        p_true = probs[:, np.arange(n), y].astype(np.float64)  # (M, N)
-        running = np.zeros(n, dtype=np.float64)
-    else:
-        running = np.zeros((n, c), dtype=probs.dtype)
-    for r in range(rounds):
-        if metric == "logloss":
-            goodness = np.log(np.maximum((running[None, :] + p_true) / (r + 1), _EPS)).mean(1)
-        else:
-            # argmax of (running + P_m) / (r+1) == argmax of running + P_m. Adding one member's
-            # probabilities (each in [0, 1]) cannot overturn a lead larger than 1, so rows with
-            # such a lead are decided for every candidate: only the others are re-scored.
-            if r == 0:
-                undecided = np.arange(n)
-                cm_decided = np.zeros((c, c), dtype=np.int64)
-            else:
-                top2 = np.partition(running, c - 2, axis=1)[:, c - 2:]
-                decided = (top2[:, 1] - top2[:, 0]) > 1.0 + 1e-4
-                undecided = np.flatnonzero(~decided)
-                cm_decided = _confusions(y[decided], running[decided].argmax(axis=1)[None], c)[0]
-            u = len(undecided)
-            y_u = y[undecided]
-            step = max(1, chunk_elements // max(1, u * c))
-            preds = np.empty((m, u), dtype=np.int64)
-            run_u = running[undecided]
-            for s in range(0, m, step):
-                preds[s:s + step] = (run_u[None] + probs[s:s + step][:, undecided]).argmax(axis=2)
-            goodness = _scores_from_confusions(metric, _confusions(y_u, preds, c) + cm_decided[None])
-        best = goodness.max()
-        tied = np.flatnonzero(goodness == best)
-        chosen = tied[counts[tied] > 0]
-        pick = int(chosen[0] if len(chosen) else tied[0])
-        counts[pick] += 1
-        if metric == "logloss":
-            running += p_true[pick]
-        else:
-            running += probs[pick]
-        history.append(float(best))
-        snapshots.append(counts.copy())
-    best_round = int(np.argmax(history))  # first best: the smallest ensemble reaching it
-    kept = snapshots[best_round]
-    return CaruanaResult(kept / kept.sum(), kept, history, best_round + 1)
-
-
-def scipy_weights(probs: np.ndarray, labels, prune: float = 1e-4) -> np.ndarray:
-    """Simplex weights minimising the OOF log-loss of the weighted soft blend.
-
-    ``w = softmax(theta)``, L-BFGS-B from uniform weights with the analytic gradient; only
-    each member's probability of the true class enters the loss, so one evaluation costs
-    O(M·N). Weights under ``prune`` are set to zero (the softmax never reaches zero exactly).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> y = np.array([0, 1, 1, 0])
-    >>> good = np.array([[.9, .1], [.2, .8], [.3, .7], [.6, .4]])
-    >>> noise = np.full((4, 2), 0.5)
-    >>> w = scipy_weights(np.stack([noise, good]), y); bool(w[1] > 0.99)
-    True
-    """
-    from scipy.optimize import minimize
-
-    probs = np.asarray(probs)
-    m, n, _ = probs.shape
-    y = np.asarray(labels, dtype=np.int64)
-    p_true = probs[:, np.arange(n), y].astype(np.float64)  # (M, N)
-    if m == 1:
-        return np.ones(1)
-
-    def loss_and_grad(theta):
-        w = np.exp(theta - theta.max())
-        w /= w.sum()
-        blend = np.maximum(w @ p_true, _EPS)
-        loss = -np.log(blend).mean()
-        g_w = -(p_true @ (1.0 / blend)) / n
-        return loss, w * (g_w - w @ g_w)
-
-    res = minimize(loss_and_grad, np.zeros(m), jac=True, method="L-BFGS-B",
-                   options={"maxiter": 500, "gtol": 1e-9, "ftol": 1e-12})
-    w = np.exp(res.x - res.x.max())
-    w /= w.sum()
-    w[w < prune] = 0.0
-    return w / w.sum()
-
-
-def fit_class_biases(log_probs, labels, metric: str = "f1", grid=None, sweeps: int = 3) -> np.ndarray:
-    """Per-class additive biases on log-probabilities maximising macro-F1 (or accuracy).
-
-    Coordinate ascent from zero: for each class in turn, every bias in ``grid`` is scored at
-    once (rows sorted by their margin to the best other class, counts by prefix sums), and
-    the best is kept (ties keep the current value, then the smallest magnitude). Stops after
-    ``sweeps`` sweeps or a sweep that changes nothing.
-
-    Returns
-    -------
-    ndarray (C,)
-        The biases; all zero when no bias improves the score.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> y = (rng.random(3000) < 0.1).astype(int)          # a rare class 1
-    >>> lp = np.log(np.c_[np.full(3000, .7), np.full(3000, .3)]) + np.c_[np.zeros(3000), y * 0.9
-    ...      + rng.normal(0, .4, 3000)]
-    >>> b = fit_class_biases(lp, y)
-    >>> bool(b[1] - b[0] > 0)     # the rare class is pushed up
-    True
-    """
-    if metric not in ("f1", "acc"):
-        raise ValueError(f"class biases tune decisions for metric 'f1' or 'acc', not {metric!r}")
-    lp = np.asarray(log_probs, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    n, c = lp.shape
-    grid = np.unique(np.asarray(DEFAULT_BIAS_GRID if grid is None else grid, dtype=np.float64))
-    if n == 0:
-        return np.zeros(c)
-    true_counts = np.bincount(y, minlength=c).astype(np.float64)
-    biases = np.zeros(c)
-    rows = np.arange(n)
-    positions = np.arange(n)
-    for _ in range(int(sweeps)):
-        changed = False
-        for k in range(c):
-            a = lp + biases
-            a[:, k] = -np.inf
-            other = a.argmax(axis=1)
-            # Row goes to class k iff lp_k + b_k > best other score: margin d + b_k > 0.
-            margin = lp[:, k] - a[rows, other]
-            order = np.argsort(margin, kind="stable")
-            sorted_margin = margin[order]
-            other_s, y_s = other[order], y[order]
-            # rows at sorted positions < cut keep their other class; the rest go to k.
-            cuts = np.searchsorted(sorted_margin, -grid, side="right")
-            uniq_cuts, inverse = np.unique(cuts, return_inverse=True)
-            seg = np.searchsorted(uniq_cuts, positions, side="right")  # row i counts for cut j iff seg[i] <= j
-            nseg = len(uniq_cuts) + 1
-            pred_cnt = np.bincount(seg * c + other_s, minlength=nseg * c).reshape(nseg, c).cumsum(0)[:-1]
-            hit = other_s == y_s
-            tp = np.bincount(seg[hit] * c + other_s[hit], minlength=nseg * c).reshape(nseg, c).cumsum(0)[:-1]
-            k_kept = np.bincount(seg[y_s == k], minlength=nseg).cumsum()[:-1]  # class-k rows not sent to k
-            n_to_k = n - uniq_cuts
-            pred_cnt = pred_cnt.astype(np.float64)
-            tp = tp.astype(np.float64)
-            pred_cnt[:, k] = n_to_k
-            tp[:, k] = true_counts[k] - k_kept
-            if metric == "f1":
-                denom = pred_cnt + true_counts[None, :]
-                score = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).mean(1)
-            else:
-                score = tp.sum(1) / n
-            score = score[inverse]  # per grid value
-            best = score.max()
-            cand = grid[score >= best - 1e-12]
-            if np.any(cand == biases[k]):
-                continue
-            new = cand[np.argmin(np.abs(cand))]
-            if new != biases[k]:
-                biases[k] = new
-                changed = True
-        if not changed:
-            break
-    before = _decision_scores(metric, y, lp.argmax(1)[None], c)[0]
-    after = _decision_scores(metric, y, (lp + biases).argmax(1)[None], c)[0]
-    return biases if after > before else np.zeros(c)
-
-
-# ---------------------------------------------------------------------------- one tuning
-@dataclass(frozen=True)
-class BlendFit:
-    """Parameters found by one tuning run (:func:`fit_blend`)."""
-
-    temperatures: np.ndarray
-    weights: np.ndarray
-    class_biases: np.ndarray | None
-    caruana: CaruanaResult | None = None
-    timings: dict = field(default_factory=dict)
-    no_signal: dict = field(default_factory=dict)  # member index -> (calibrated NLL, class-prior NLL)
-
-
-def class_prior_nll(labels, num_classes: int) -> float:
-    """Log-loss of always predicting the class frequencies: the score of knowing nothing."""
-    y = np.asarray(labels, dtype=np.int64)
-    freq = (np.bincount(y, minlength=num_classes) + 0.5) / (len(y) + 0.5 * num_classes)
-    return float(-np.log(freq[y]).mean())
-
-
-def no_signal_members(logits: np.ndarray, labels, temperatures: np.ndarray | None = None) -> dict:
-    """Members whose temperature-calibrated log-loss is no better than the class prior's.
-
-    Such a member carries no information about the labels. Calibrated, its probabilities are
-    nearly constant (its temperature runs to the search bound), so adding it to a blend is a
-    near no-op: greedy selection then pads the ensemble with it whenever adding a real member
-    would unbalance the blend, and reports a large weight on noise. Returns
-    ``{index: (calibrated_nll, prior_nll)}``.
-    """
-    logits = np.asarray(logits)
-    y = np.asarray(labels, dtype=np.int64)
-    prior = class_prior_nll(y, logits.shape[2])
-    out = {}
-    for i in range(logits.shape[0]):
-        t = fit_temperature(logits[i], y) if temperatures is None else float(temperatures[i])
-        nll = log_loss(y, logits[i] / t)
-        if nll >= prior - 1e-6:
-            out[i] = (nll, prior)
-    return out
-
-
-def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: str = "f1", rounds: int = 50,
-              temperature: bool = True, class_bias: bool = False, bias_grid=None, sweeps: int = 3) -> BlendFit:
-    """Temperatures, weights and class biases on the given rows (one tuning, no CV).
-
-    Parameters
-    ----------
-    logits : array (M, N, C)
-    labels : array (N,)
-    method, metric, rounds, temperature, class_bias : see :func:`tune_weights`.
-    """
-    _check_method(method)
-    _check_metric(metric)
-    _check_bias_metric(class_bias, metric)
-    logits = np.asarray(logits)
-    y = np.asarray(labels, dtype=np.int64)
-    m = logits.shape[0]
-    timings = {}
-    t0 = time.perf_counter()
-    temps = np.array([fit_temperature(logits[i], y) for i in range(m)]) if temperature else np.ones(m)
-    timings["temperature_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    probs = member_probabilities(logits, temps)
-    timings["probabilities_s"] = time.perf_counter() - t0
-    # Members with no signal are left out of the selection (weight 0); if every member is
-    # such, nothing is left out and the blend is as good as the data allows.
-    silent = no_signal_members(logits, y, temps if temperature else None)
-    keep = np.array([i for i in range(m) if i not in silent]) if len(silent) < m else np.arange(m)
-    if len(keep) == m:
-        silent = {}
-    t0 = time.perf_counter()
-    car = None
-    weights = np.zeros(m)
-    if method == "caruana":
-        car = caruana_select(probs[keep], y, metric, rounds)
-        weights[keep] = car.weights
-        if len(keep) < m:
-            counts = np.zeros(m, dtype=car.counts.dtype)
-            counts[keep] = car.counts
-            car = CaruanaResult(weights.copy(), counts, car.history, car.best_round)
-    else:
-        weights[keep] = scipy_weights(probs[keep], y)
-    timings[f"{method}_s"] = time.perf_counter() - t0
-    biases = None
-    if class_bias:
-        t0 = time.perf_counter()
-        used = np.flatnonzero(weights > 0)
-        blend = np.tensordot(weights[used], probs[used], axes=1).astype(np.float64)
-        b = fit_class_biases(np.log(np.maximum(blend, 1e-300)), y, metric, bias_grid, sweeps)
-        biases = b if np.any(b != 0) else None
-        timings["class_bias_s"] = time.perf_counter() - t0
-    return BlendFit(temps, weights, biases, car, timings, silent)
 
 
 # ---------------------------------------------------------------------------- the whole job
@@ -393,17 +36,28 @@ class TuneResult:
     Attributes
     ----------
     recipe : Recipe
-        Tuned on all OOF rows; ``recipe.scores`` holds the in-sample and honest scores.
+        What ships (:attr:`decision`): the tuned blend, or the simpler candidate (one member,
+        the hard or the uniform soft vote) when the blend's honest gain over it is inside the
+        fold-to-fold noise. ``recipe.scores`` holds its in-sample and honest scores, the
+        decision (``"ships"``), every candidate's fold scores and the tuned blend's scores.
+    tuned_recipe : Recipe
+        The tuned blend (temperatures, weights, class biases), whether it ships or not.
+    decision : Decision
+        What ships and the one-line reason (:func:`ensembler.ensemble.choice.choose`).
     rows : list of dict
         The comparison table: one row per member (``kind="member"``), the hard vote,
         the uniform soft vote, the tuned blend in-sample and honest. Keys: ``name``, ``kind``,
-        ``f1``, ``acc``, ``logloss``, ``weight``, ``temperature``, ``nll_before``, ``nll_after``,
-        ``ece_before``, ``ece_after``, ``tie_rate``, ``note`` (missing values are ``None``).
+        ``f1``, ``acc``, ``logloss``, ``honest_mean`` and ``honest_sd`` (the metric over the
+        held-out folds), ``ships`` (bool), ``weight``, ``temperature``, ``t_at_bound``,
+        ``nll_before``, ``nll_after``, ``ece_before``, ``ece_after``, ``tie_rate``, ``note``
+        (missing values are ``None``).
     in_sample : dict
-        f1 / acc / logloss of the recipe on all OOF rows.
+        f1 / acc / logloss of the tuned blend on all OOF rows (flattered: tuned on them).
     honest : dict or None
-        ``{"metric", "mean", "per_fold": {fold: score}, "pooled": {f1, acc, logloss}}``;
-        ``None`` when the OOF rows have fewer than two folds.
+        The tuned blend's ``{"metric", "mean", "per_fold": {fold: score}, "pooled": {f1, acc,
+        logloss}}``; ``None`` when the OOF rows have fewer than two folds.
+    candidates : list of Candidate
+        Every candidate with its per-fold honest scores (what the decision compared).
     per_class_f1 : dict name -> ndarray (C,)
         Members, ``soft (uniform)``, ``tuned`` and ``tuned (honest)``.
     calibration : list of TemperatureFit or None
@@ -419,6 +73,9 @@ class TuneResult:
     calibration: list
     fit: BlendFit
     timings: dict
+    tuned_recipe: Recipe | None = None
+    decision: Decision | None = None
+    candidates: list = field(default_factory=list)
 
 
 def _as_members(members, labels, folds, names) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None, list]:
@@ -533,10 +190,10 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     >>> sorted(res.honest["per_fold"])
     [0, 1, 2]
     """
-    _check_method(method)
-    _check_metric(metric)
-    rounds = _check_rounds(rounds)
-    _check_bias_metric(class_bias, metric)
+    check_method(method)
+    check_metric(metric)
+    rounds = check_rounds(rounds)
+    check_bias_metric(class_bias, metric)
     names, logits, labels, folds, info = _as_members(members, labels, folds, names)
     m, n, c = logits.shape
     if labels is None:
@@ -585,50 +242,180 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     t0 = time.perf_counter()
     fit = fit_blend(logits, y, **kw)
     timings["tune_s"] = time.perf_counter() - t0
-    recipe = _recipe_from_fit(names, info, classes, fit, metric, method)
-    pred, probs = recipe.apply(dict(zip(names, logits)))
+    tuned_recipe = _recipe_from_fit(names, info, classes, fit, metric, method)
+    pred, probs = tuned_recipe.apply(dict(zip(names, logits)))
     in_sample = _scores(y, probs)
     per_class["tuned"] = per_class_f1(y, pred, c)
 
     # -------- honest score: the whole tuning again with each fold held out
-    honest_res = None
     fold_values = np.unique(folds) if folds is not None else np.array([])
     t0 = time.perf_counter()
+    held = None
     if honest and len(fold_values) >= 2:
-        held_probs = np.zeros((n, c))
-        per_fold = {}
-        for f in fold_values:
-            test = folds == f
-            say(f"honest score: tuning without fold {f} ({int(test.sum())} rows held out)")
-            fit_f = fit_blend(logits[:, ~test], y[~test], **kw)
-            rec_f = _recipe_from_fit(names, info, classes, fit_f, metric, method)
-            pred_f, probs_f = rec_f.apply(dict(zip(names, logits[:, test])))
-            held_probs[test] = probs_f
-            per_fold[int(f)] = _scores(y[test], probs_f)[metric]
-        pooled = _scores(y, held_probs)
-        honest_res = {"metric": metric, "mean": float(np.mean(list(per_fold.values()))), "per_fold": per_fold,
-                      "pooled": pooled}
-        per_class["tuned (honest)"] = per_class_f1(y, held_probs.argmax(1), c)
+        held = honest_score(logits, y, folds, names=names, member_info=info, classes=classes, progress=say, **kw)
+        per_class["tuned (honest)"] = per_class_f1(y, held["probs"].argmax(1), c)
     timings["honest_s"] = time.perf_counter() - t0
+    honest_res = None if held is None else {k: held[k] for k in ("metric", "mean", "per_fold", "pooled")}
 
-    scores = {"in_sample": in_sample, "honest": honest_res, "soft_uniform": soft_scores,
-              "rows": n, "folds": [int(f) for f in fold_values]}
-    recipe = _recipe_from_fit(names, info, classes, fit, metric, method, scores=scores)
+    # -------- what ships: candidates compared fold by fold on the honest score
+    candidates = _candidates(names, logits, y, folds if held is not None else None, metric, hard, soft, held,
+                             class_bias and fit.class_biases is not None, method)
+    simple = [cd for cd in candidates if cd.kind in ("member", "hard", "soft")]
+    decision = choose(simple, [cd for cd in candidates if cd.kind.startswith("tuned")], metric)
+    shipped, shipped_in, shipped_honest = _shipped(decision, names, info, classes, calib, tuned_recipe, fit, metric,
+                                                   method, logits, y, held, candidates)
+    scores = {"in_sample": shipped_in, "honest": shipped_honest, "soft_uniform": soft_scores,
+              "rows": n, "folds": [int(f) for f in fold_values], "ships": decision.to_dict(),
+              "candidates": {cd.name: {"kind": cd.kind, "mean": cd.mean(), "per_fold": dict(cd.per_fold)}
+                             for cd in candidates},
+              "tuned": {"in_sample": in_sample, "honest": honest_res}}
+    recipe = replace(shipped, scores=scores)
+    tuned_recipe = replace(tuned_recipe, scores=dict(scores, in_sample=in_sample, honest=honest_res))
+
+    bounds = DEFAULT_T_BOUNDS
     for i, r in enumerate(rows[:m]):
         r["weight"] = float(fit.weights[i])
         r["temperature"] = float(fit.temperatures[i])
+        r["t_at_bound"] = bool(temperature and temperature_at_bound(fit.temperatures[i], bounds))
+        notes = []
         if i in fit.no_signal:
             nll, prior = fit.no_signal[i]
-            r["note"] = (f"no signal: calibrated log-loss {nll:.3f} >= class prior {prior:.3f}; "
+            notes.append(f"no signal: calibrated log-loss {nll:.3f} >= class prior {prior:.3f}; "
                          "left out of the blend")
+        if r["t_at_bound"]:
+            notes.append(f"T at its search bound {fit.temperatures[i]:.3g}: calibrated, this member's "
+                         "probabilities are near-flat (little signal)")
+        r["note"] = "; ".join(notes) or None
     rows.append(_row(f"tuned {method} (in-sample)", "tuned", in_sample, note="flattered: tuned on these rows"))
     if honest_res is not None:
         rows.append(_row(f"tuned {method} (honest, {len(fold_values)}-fold)", "honest", honest_res["pooled"],
                          note=f"fold mean {metric} {honest_res['mean']:.4f}"))
+        if "pooled_nobias" in held:
+            rows.append(_row(f"tuned {method}, no class biases (honest)", "honest-nobias", held["pooled_nobias"]))
     else:
         rows.append(_row(f"tuned {method} (honest)", "honest", {}, note="needs OOF folds (>= 2) to estimate"))
+    # Which candidate each table row shows (the in-sample tuned row is none: it is flattered).
+    tuned_names = [cd.name for cd in candidates if cd.kind.startswith("tuned")]
+    row_candidate = {"hard": "hard vote", "soft": "soft vote (uniform)", "honest": tuned_names[-1],
+                     "honest-nobias": tuned_names[0]}
+    folds_of = {cd.name: cd for cd in candidates}
+    for r in rows:
+        cd = folds_of.get(r["name"] if r["kind"] == "member" else row_candidate.get(r["kind"], ""))
+        vals = list(cd.per_fold.values()) if cd is not None else []
+        r["honest_mean"] = float(np.mean(vals)) if vals else None
+        r["honest_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        r["ships"] = cd is not None and cd.name == decision.name
     return TuneResult(recipe=recipe, rows=rows, in_sample=in_sample, honest=honest_res, per_class_f1=per_class,
-                      calibration=calib, fit=fit, timings=timings)
+                      calibration=calib, fit=fit, timings=timings, tuned_recipe=tuned_recipe, decision=decision,
+                      candidates=candidates)
+
+
+def temperature_at_bound(t: float, bounds=DEFAULT_T_BOUNDS, rtol: float = 1e-3) -> bool:
+    """Whether a fitted temperature ended (within ``rtol`` on the log scale) at a search bound."""
+    lt = np.log(float(t))
+    return bool(min(abs(lt - np.log(bounds[0])), abs(lt - np.log(bounds[1]))) < rtol)
+
+
+def honest_score(logits: np.ndarray, labels, folds, *, names, member_info=(), classes=(), progress=None,
+                 **fit_kw) -> dict:
+    """The whole tuning repeated with each fold held out, scored on the held-out fold.
+
+    Returns ``{"metric", "mean", "per_fold", "pooled", "probs"}`` (the held-out fold's blend
+    probabilities, row-aligned), plus ``"per_fold_nobias"``/``"pooled_nobias"`` when class
+    biases are tuned (the same fits applied without them).
+    """
+    say = progress or (lambda msg: None)
+    metric = fit_kw.get("metric", "f1")
+    method = fit_kw.get("method", "caruana")
+    y = np.asarray(labels, dtype=np.int64)
+    m, n, c = logits.shape
+    held_probs = np.zeros((n, c))
+    held_nobias = np.zeros((n, c)) if fit_kw.get("class_bias") else None
+    per_fold, per_fold_nobias = {}, {}
+    for f in np.unique(folds):
+        test = folds == f
+        say(f"honest score: tuning without fold {f} ({int(test.sum())} rows held out)")
+        fit_f = fit_blend(logits[:, ~test], y[~test], **fit_kw)
+        rec_f = _recipe_from_fit(names, member_info, classes, fit_f, metric, method)
+        test_logits = dict(zip(names, logits[:, test]))
+        _, probs_f = rec_f.apply(test_logits)
+        held_probs[test] = probs_f
+        per_fold[int(f)] = _scores(y[test], probs_f)[metric]
+        if held_nobias is not None:
+            _, probs_nb = replace(rec_f, class_biases=None).apply(test_logits)
+            held_nobias[test] = probs_nb
+            per_fold_nobias[int(f)] = _scores(y[test], probs_nb)[metric]
+    out = {"metric": metric, "mean": float(np.mean(list(per_fold.values()))), "per_fold": per_fold,
+           "pooled": _scores(y, held_probs), "probs": held_probs}
+    if held_nobias is not None:
+        out.update(per_fold_nobias=per_fold_nobias, pooled_nobias=_scores(y, held_nobias))
+    return out
+
+
+def _candidates(names, logits, y, folds, metric, hard, soft, held, with_bias: bool, method: str) -> list[Candidate]:
+    """Every candidate with its metric on each held-out fold (no folds: empty fold scores)."""
+    def per_fold(pred=None, probs=None):
+        if folds is None:
+            return {}
+        out = {}
+        for f in np.unique(folds):
+            t = folds == f
+            if probs is not None:
+                out[int(f)] = _scores(y[t], probs[t], None if pred is None else pred[t])[metric]
+        return out
+
+    from ..metrics import softmax
+
+    cands = [Candidate(name, "member", per_fold(probs=softmax(logits[i]))) for i, name in enumerate(names)]
+    cands.append(Candidate("soft vote (uniform)", "soft", per_fold(probs=soft.probs)))
+    if metric != "logloss" and len(names) > 1:  # a hard vote's shares have no log-loss
+        cands.append(Candidate("hard vote", "hard", per_fold(pred=hard.pred, probs=hard.probs)))
+    if held is not None:
+        if with_bias:
+            cands.append(Candidate(f"tuned {method}, no class biases", "tuned", dict(held["per_fold_nobias"])))
+            cands.append(Candidate(f"tuned {method} + class biases", "tuned+bias", dict(held["per_fold"])))
+        else:
+            cands.append(Candidate(f"tuned {method}", "tuned", dict(held["per_fold"])))
+    else:
+        cands.append(Candidate(f"tuned {method}", "tuned+bias" if with_bias else "tuned", {}))
+    return cands
+
+
+def _shipped(decision, names, info, classes, calib, tuned_recipe: Recipe, fit: BlendFit, metric, method, logits, y,
+             held, candidates) -> tuple[Recipe, dict, dict | None]:
+    """The recipe of the chosen candidate, with its in-sample and honest scores."""
+    m = len(names)
+    cand = next(cd for cd in candidates if cd.name == decision.name)
+
+    def plain(weights, temps, rule):
+        members = tuple(RecipeMember(name=nm, kind=info[i].kind if info else "file", classes=classes,
+                                     weight=float(weights[i]), temperature=float(temps[i]),
+                                     sha256=info[i].sha256 if info else (), parts=info[i].parts if info else ())
+                        for i, nm in enumerate(names))
+        return Recipe(members=members, vote=rule, class_biases=None, metric=metric, method=None)
+
+    if cand.kind == "member":
+        i = names.index(cand.name)
+        temps = [cf.temperature if cf is not None else 1.0 for cf in calib]
+        recipe = plain(np.eye(m)[i], temps, "weighted")
+    elif cand.kind in ("soft", "hard"):
+        recipe = plain(np.ones(m), np.ones(m), cand.kind)
+    elif cand.kind == "tuned" and tuned_recipe.class_biases is not None:
+        recipe = replace(tuned_recipe, class_biases=None)
+    else:
+        recipe = tuned_recipe
+    pred, probs = recipe.apply(dict(zip(names, logits)))
+    in_sample = _scores(y, probs, pred if recipe.vote == "hard" else None)
+    if held is None:
+        return recipe, in_sample, None
+    if cand.kind == "tuned+bias" or (cand.kind == "tuned" and "pooled_nobias" not in held):
+        pooled = held["pooled"]
+    elif cand.kind == "tuned":
+        pooled = held["pooled_nobias"]
+    else:
+        pooled = in_sample  # nothing fitted: its OOF score is already honest
+    honest = {"metric": metric, "mean": cand.mean(), "per_fold": dict(cand.per_fold), "pooled": pooled}
+    return recipe, in_sample, honest
 
 
 def _row(name, kind, scores, *, temperature: TemperatureFit | None = None, tie_rate=None, note=None, **over):
@@ -643,23 +430,3 @@ def _row(name, kind, scores, *, temperature: TemperatureFit | None = None, tie_r
     return row
 
 
-def _check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"unknown tuning method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def _check_metric(metric):
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-
-
-def _check_rounds(rounds) -> int:
-    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-    return int(rounds)
-
-
-def _check_bias_metric(class_bias, metric):
-    if class_bias and metric == "logloss":
-        raise ValueError("class biases tune argmax decisions for metric 'f1' or 'acc'; they are not "
-                         "fitted for log-loss (use --metric f1)")
