@@ -8,38 +8,42 @@ import os
 import warnings
 from functools import lru_cache
 
+from rich.markup import escape
+
 from ..errors import EnsemblerError
 
 
 @lru_cache(maxsize=1)
 def console():
-    from rich.console import Console
+    """stdout; 200 columns wide when it is not a terminal, so no table column is cut in a log file."""
+    from ..progress import make_console
 
-    return Console()
+    return make_console()
 
 
 @lru_cache(maxsize=1)
 def err_console():
-    from rich.console import Console
+    from ..progress import make_console
 
-    return Console(stderr=True)
+    return make_console(stderr=True)
 
 
 @contextlib.contextmanager
 def printed_warnings():
     """Show library UserWarnings (small classes, unused label fixes, partial OOF) as yellow
-    lines on stderr, once each, also when the command fails."""
-    with warnings.catch_warnings(record=True) as caught:
+    lines on stderr when they arise (not after a long run), once each, also when the command fails."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        msg = str(message)
+        if issubclass(category, UserWarning) and msg not in seen:
+            seen.add(msg)
+            err_console().print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, markup=True)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
-        try:
-            yield
-        finally:
-            seen = set()
-            for w in caught:
-                msg = str(w.message)
-                if msg not in seen and issubclass(w.category, UserWarning):
-                    seen.add(msg)
-                    err_console().print(f"[yellow]warning:[/] {msg}", highlight=False, markup=True)
+        warnings.showwarning = show
+        yield
 
 
 def add_group(sub, name: str, help: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:

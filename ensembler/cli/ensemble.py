@@ -86,17 +86,20 @@ def tune_weights_command(args) -> int:
 
 
 def _print_table(result, args) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     r = result.recipe
-    title = (f"tune-weights: {r.method}, metric {r.metric}, {len(r.members)} members, "
-             f"{r.scores.get('rows')} OOF rows" + (", temperatures" if args.temperature else "")
-             + (", class biases" if r.class_biases is not None else ""))
+    title = (f"tune-weights: {(result.tuned_recipe or r).method}, metric {r.metric}, "
+             f"{len(r.members)} members, {r.scores.get('rows')} OOF rows" + (", temperatures" if args.temperature else "")
+             + (", class biases" if (result.tuned_recipe or r).class_biases is not None else ""))
     table = Table(title=title, title_justify="left")
+    honest_col = f"honest {r.metric} (folds)"
     for col, just in (("member / blend", "left"), ("F1", "right"), ("acc", "right"), ("logloss", "right"),
-                      ("weight", "right"), ("T", "right"), ("NLL→T", "right"), ("ECE→T", "right"),
-                      ("note", "left")):
-        table.add_column(col, justify=just, no_wrap=col != "note" and col != "member / blend")
+                      (honest_col, "right"), ("weight", "right"), ("T", "right"), ("NLL→T", "right"),
+                      ("ECE→T", "right"), ("ships", "left"), ("note", "left")):
+        # Names and numbers never wrap (a squeezed name column printed nothing); notes wrap.
+        table.add_column(col, justify=just, no_wrap=col != "note", min_width=len(col) if col != "note" else None)
     for row in result.rows:
         style = {"tuned": "bold", "honest": "bold green"}.get(row["kind"])
         nll = f"{_fmt(row['nll_before'], 3)}→{_fmt(row['nll_after'], 3)}" if row["nll_before"] is not None else ""
@@ -104,18 +107,27 @@ def _print_table(result, args) -> None:
         note = row["note"] or ""
         if row["tie_rate"] is not None:
             note = f"ties {row['tie_rate']:.1%} → smallest class"
-        table.add_row(row["name"], _fmt(row["f1"]), _fmt(row["acc"]), _fmt(row["logloss"]),
-                      _fmt(row["weight"], 3) if row["weight"] is not None else "",
-                      _fmt(row["temperature"], 2) if row["temperature"] is not None else "", nll, ece, note,
-                      style=style)
+        honest = ""
+        if row.get("honest_mean") is not None:
+            honest = _fmt(row["honest_mean"]) + (f" ± {row['honest_sd']:.4f}" if row.get("honest_sd") is not None else "")
+        temp = ""
+        if row["temperature"] is not None:
+            temp = _fmt(row["temperature"], 2) + (" (bound)" if row.get("t_at_bound") else "")
+        table.add_row(escape(row["name"]), _fmt(row["f1"]), _fmt(row["acc"]), _fmt(row["logloss"]), honest,
+                      _fmt(row["weight"], 3) if row["weight"] is not None else "", temp, nll, ece,
+                      "◀ ships" if row.get("ships") else "", escape(note), style=style)
     con = console()
     con.print(table)
     if result.honest is not None:
         folds = ", ".join(f"{k}: {v:.4f}" for k, v in result.honest["per_fold"].items())
-        con.print(f"honest {r.metric} per held-out fold: {folds} (mean {result.honest['mean']:.4f}); "
-                  f"in-sample {result.in_sample[r.metric]:.4f}")
-    if r.class_biases is not None:
-        con.print("class biases: " + ", ".join(f"{c}={b:+.1f}" for c, b in zip(r.classes, r.class_biases) if b))
+        con.print(f"tuned blend: honest {r.metric} per held-out fold {folds} (mean {result.honest['mean']:.4f}); "
+                  f"in-sample {result.in_sample[r.metric]:.4f}", highlight=False)
+    tuned = result.tuned_recipe or r
+    if tuned.class_biases is not None:
+        con.print("class biases (tuned): " + ", ".join(f"{c}={b:+.1f}" for c, b in zip(tuned.classes, tuned.class_biases)
+                                                       if b), highlight=False, markup=False)
+    if result.decision is not None:
+        con.print(f"[bold]ships:[/] {escape(result.decision.reason)}", highlight=False)
     t = result.timings
     con.print(f"time: tuning {t['tune_s']:.2f} s, honest {t['honest_s']:.2f} s, baselines {t['baselines_s']:.2f} s",
               style="dim")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..errors import DataError, EnsemblerError, ImageDecodeError, LogitError
+from ..progress import Ticker
 from .store import LogitStore, MemberLogits, default_cache_dir
 from .tta import build_views, check_merge, default_chunk_size, forward_chunked, merge_views, parse_tta
 
@@ -328,7 +329,8 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
 
     timings: dict[str, float] = {}
     if groups:
-        with _progress_bar(progress, total=len(ids) * len(groups)) as advance:
+        with Ticker("inference", total=len(ids) * len(groups), unit="images", enabled=progress) as tick:
+            advance = tick.advance
             for group in groups.values():
                 computed = _run_group(table, group, registry, plan=plan, merge=merge, backend=backend,
                                       batch_size=int(batch_size), workers=int(workers), device=dev,
@@ -427,27 +429,3 @@ def _run_group(table, group, registry, *, plan, merge, backend, batch_size, work
                              f"{table.ids[rows[0]]!r} ({len(rows)} rows); nothing was cached")
         result[e.id] = logits
     return result
-
-
-class _progress_bar:
-    """Rich progress over images, or a no-op; used as ``with _progress_bar(on, total) as advance``."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-        self._progress = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(TextColumn("inference"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("images"), TimeRemainingColumn())
-        self._progress.__enter__()
-        task = self._progress.add_task("inference", total=self.total)
-        return lambda n: self._progress.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-        return False

@@ -39,7 +39,8 @@ import numpy as np
 from .._io import save_npz_atomic, write_json_atomic
 from ..errors import EnsemblerError, LogitError, RegistryError
 from ..metrics import classification_scores
-from .engine import (_make_loader, _progress_bar, _resolve_device, _resolve_precision, _views_joint, check_run_args,
+from ..progress import Ticker
+from .engine import (_make_loader, _resolve_device, _resolve_precision, _views_joint, check_run_args,
                      load_forward, raise_decode_errors)
 from .store import LogitStore, default_cache_dir
 from .tta import MERGE_RULES, View, check_merge, default_chunk_size, merge_views, parse_tta
@@ -337,7 +338,8 @@ def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "m
             todo.append((fold, e, rows, sub, key))
 
     if todo:
-        with _progress_bar(progress, total=sum(len(t[2]) for t in todo)) as advance:
+        with Ticker("tta-report", total=sum(len(t[2]) for t in todo), unit="images", enabled=progress) as tick:
+            advance = tick.advance
             for fold, e, rows, sub, key in todo:
                 out = _fold_views(sub, e, registry, plan, extra_identity, backend=backend,
                                   batch_size=int(batch_size), workers=int(workers), device=dev,

@@ -1,71 +1,68 @@
-"""What a user sees while a family trains: a rich progress bar and one line per epoch."""
+"""What a user sees while a family trains: a progress line per epoch and one summary line per epoch.
+
+On a terminal the progress is a rich bar (fold, epoch, batches, ETA, running loss); in a log
+file it is a plain line every few seconds (:class:`ensembler.progress.Ticker`), so a long
+epoch shows it is alive and how far it got.
+"""
 
 from __future__ import annotations
 
+from ..progress import Ticker, make_console
 from .loop import Callbacks, EpochRecord
 
 
 class RichProgress(Callbacks):
-    """Progress bar (fold, epoch, batches, ETA, running loss) and a summary line per epoch.
+    """Per-epoch progress (a bar, or timed lines in a log file) and a summary line per epoch.
 
     Use as a context manager around the whole run; :meth:`set_fold` before each fold.
     """
 
-    def __init__(self, console=None, total_folds: int = 1):
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.console = console or Console(stderr=True)
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("batches"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[loss]}"),
-            console=self.console,
-            transient=False,
-        )
+    def __init__(self, console=None, total_folds: int = 1, interval: float | None = None):
+        self.console = console or make_console(stderr=True)
         self.total_folds = total_folds
+        self.interval = interval
         self.fold = 0
         self.fold_number = 0
-        self._task = None
-        self._phase_total = 0
+        self._tick: Ticker | None = None
+        self._train_batches = 0
 
     def __enter__(self):
-        self.progress.start()
         return self
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        self._close(*exc)
         return False
+
+    def _close(self, *exc) -> None:
+        if self._tick is not None:
+            self._tick.__exit__(*(exc or (None, None, None)))
+            self._tick = None
 
     def set_fold(self, fold: int, number: int) -> None:
         self.fold, self.fold_number = fold, number
 
     def note(self, text: str) -> None:
-        self.progress.console.print(text, highlight=False)
+        self.console.print(text, highlight=False)
 
     def on_epoch_start(self, epoch: int, epochs: int, train_batches: int, val_batches: int) -> None:
+        self._close()
         desc = f"fold {self.fold} ({self.fold_number}/{self.total_folds}) epoch {epoch}/{epochs}"
-        if self._task is not None:
-            self.progress.remove_task(self._task)
         self._train_batches = train_batches
-        self._task = self.progress.add_task(desc, total=train_batches + val_batches, loss="")
+        self._tick = Ticker(desc, total=train_batches + val_batches, unit="batches", console=self.console,
+                            interval=self.interval).__enter__()
 
     def on_train_batch(self, batch: int, running_loss: float) -> None:
-        self.progress.update(self._task, completed=batch, loss=f"loss {running_loss:.4f}")
+        if self._tick is not None:
+            self._tick.set_info(f"train loss {running_loss:.4f}")
+            self._tick.update(batch)
 
     def on_val_batch(self, batch: int) -> None:
-        self.progress.update(self._task, completed=self._train_batches + batch)
+        if self._tick is not None:
+            self._tick.set_info("validating")
+            self._tick.update(self._train_batches + batch)
 
     def on_epoch_end(self, record: EpochRecord, is_best: bool) -> None:
-        if self._task is not None:
-            self.progress.remove_task(self._task)
-            self._task = None
+        self._close()
         self.note(format_epoch(self.fold, record, is_best))
 
 
