@@ -35,13 +35,14 @@ HEADS = ("flat", "factored")
 CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".ckpt", ".safetensors")
 
 # Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile, Lightning modules.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _PLAIN_KEYS = ("state_dict", "model")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
 
 
 # ---------------------------------------------------------------------------- heads
-def _as_label_space(label_space) -> LabelSpace:
+def as_label_space(label_space) -> LabelSpace:
+    """A LabelSpace from a LabelSpace or its ``to_dict()`` form."""
     if isinstance(label_space, LabelSpace):
         return label_space
     if isinstance(label_space, Mapping):
@@ -51,7 +52,8 @@ def _as_label_space(label_space) -> LabelSpace:
     )
 
 
-def _check_head(head: str, label_space: LabelSpace) -> None:
+def check_head(head: str, label_space: LabelSpace) -> None:
+    """EnsemblerError for an unknown head, or a factored head on a space without factors."""
     if head not in HEADS:
         raise EnsemblerError(f"head must be one of {HEADS}, got {head!r}")
     if head == "factored" and not label_space.is_factored:
@@ -80,8 +82,8 @@ def head_num_outputs(label_space, head: str = "flat") -> int:
     >>> head_num_outputs(LabelSpace.mask(), "flat"), head_num_outputs(LabelSpace.mask(), "factored")
     (18, 8)
     """
-    ls = _as_label_space(label_space)
-    _check_head(head, ls)
+    ls = as_label_space(label_space)
+    check_head(head, ls)
     return ls.num_classes if head == "flat" else int(sum(ls.factor_sizes))
 
 
@@ -109,7 +111,7 @@ def joint_logits(outputs, head: str, label_space):
     >>> joint_logits(torch.zeros(2, 8), "factored", LabelSpace.mask()).shape
     torch.Size([2, 18])
     """
-    ls = _as_label_space(label_space)
+    ls = as_label_space(label_space)
     _check_outputs(outputs, head, ls)
     if head == "flat":
         return outputs
@@ -118,7 +120,7 @@ def joint_logits(outputs, head: str, label_space):
 
 def joint_log_probs(outputs, head: str, label_space):
     """Model outputs -> joint log-probabilities (normalised: ``exp`` sums to 1 per row)."""
-    ls = _as_label_space(label_space)
+    ls = as_label_space(label_space)
     _check_outputs(outputs, head, ls)
     if head == "factored":
         return factored_to_joint_logprobs(outputs, ls.factor_sizes)
@@ -183,7 +185,7 @@ def create_model(arch: str, *, label_space, head: str = "flat", pretrained: bool
     """
     import timm
 
-    ls = _as_label_space(label_space)
+    ls = as_label_space(label_space)
     check_arch(arch)
     num_outputs = head_num_outputs(ls, head)
     if "num_classes" in timm_kwargs and timm_kwargs.pop("num_classes") != num_outputs:
@@ -223,7 +225,7 @@ def create_model(arch: str, *, label_space, head: str = "flat", pretrained: bool
         ) from exc
 
 
-def _meta_state_shapes(arch: str, ls: LabelSpace, head: str, model_kwargs: dict | None = None) -> dict:
+def expected_state_shapes(arch: str, ls: LabelSpace, head: str, model_kwargs: dict | None = None) -> dict:
     """{key: shape} of the state dict ``create_model`` would produce, without allocating weights."""
     import json
 
@@ -296,8 +298,8 @@ def check_state_dict(state_dict: Mapping[str, Any], arch: str, *, label_space, h
                      error=RegistryError) -> None:
     """Raise ``error`` listing every missing, unexpected and mis-shaped key of ``state_dict``
     against ``arch`` with ``head`` over ``label_space``; the message names ``source``."""
-    ls = _as_label_space(label_space)
-    expected = _meta_state_shapes(arch, ls, head, model_kwargs)
+    ls = as_label_space(label_space)
+    expected = expected_state_shapes(arch, ls, head, model_kwargs)
     check = compare_state_dict(state_dict, expected)
     if check.ok:
         return
@@ -334,7 +336,8 @@ def check_finite(state_dict: Mapping[str, Any], source: str, error=RegistryError
     raise error(f"{source} holds non-finite (NaN/inf) values in {', '.join(bad[:8])}{more}; refused")
 
 
-def _suffix(path: Path) -> str:
+def checkpoint_suffix(path: Path) -> str:
+    """The checkpoint suffix of ``path`` (``.pth.tar`` counts as one), lower-case."""
     name = path.name.lower()
     for s in sorted(CHECKPOINT_SUFFIXES, key=len, reverse=True):
         if name.endswith(s):
@@ -373,7 +376,7 @@ def _strip_prefixes(state_dict: dict) -> tuple[dict, list[str]]:
     changed = True
     while changed and state_dict:
         changed = False
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in state_dict):
                 state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
                 stripped.append(prefix)
@@ -399,7 +402,7 @@ class OutsideCheckpoint:
 def read_outside_checkpoint(path, *, use_ema: bool | None = None) -> OutsideCheckpoint:
     """Like :func:`load_outside_state_dict`, also saying which key and prefixes were used."""
     path = Path(path)
-    suffix = _suffix(path)
+    suffix = checkpoint_suffix(path)
     if suffix not in CHECKPOINT_SUFFIXES:
         raise RegistryError(
             f"cannot import {path}: unknown checkpoint suffix {suffix or '(none)'!r}; "
@@ -479,19 +482,7 @@ def load_outside_state_dict(path, *, use_ema: bool | None = None) -> dict:
     return read_outside_checkpoint(path, use_ema=use_ema).state_dict
 
 
-__all__ = [
-    "CHECKPOINT_SUFFIXES",
-    "HEADS",
-    "OutsideCheckpoint",
-    "StateDictCheck",
-    "check_arch",
-    "check_finite",
-    "check_state_dict",
-    "compare_state_dict",
-    "create_model",
-    "head_num_outputs",
-    "joint_log_probs",
-    "joint_logits",
-    "load_outside_state_dict",
-    "read_outside_checkpoint",
-]
+__all__ = ["CHECKPOINT_SUFFIXES", "HEADS", "WRAPPER_PREFIXES", "OutsideCheckpoint", "StateDictCheck",
+    "as_label_space", "check_arch", "check_finite", "check_head", "checkpoint_suffix", "check_state_dict",
+    "compare_state_dict", "create_model", "expected_state_shapes", "head_num_outputs", "joint_log_probs",
+    "joint_logits", "load_outside_state_dict", "read_outside_checkpoint"]

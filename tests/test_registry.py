@@ -388,7 +388,7 @@ def test_writer_killed_mid_write_leaves_a_loadable_registry(tmp_path):
 
 def test_exception_inside_index_write_keeps_previous_entries(tmp_path, monkeypatch):
     import ensembler._io as io_mod
-    import ensembler.registry as registry_mod
+    import ensembler.registry.index as registry_mod
 
     reg = Registry(tmp_path)
     _add(reg, fold=0)

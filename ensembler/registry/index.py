@@ -1,192 +1,30 @@
-"""The checkpoint registry: what every ensemble is built from.
+"""The registry index: ``registry.json`` under its lock, and every query and change of it.
 
-A registry is a folder (``--registry PATH``, else ``$ENSEMBLER_REGISTRY``, else
-``./checkpoints``) holding ``registry.json`` (``{"version": 1, "entries": [...]}``) and one
-``weights.safetensors`` per checkpoint under ``<family>/fold<k>/`` (``<family>/single/`` for
-a checkpoint without a fold).
-
-Rules that keep it trustworthy:
-
-- weights are safetensors (no pickle); every load recomputes the sha256 recorded in the
-  entry and checks that tensors are finite;
-- ``registry.json`` is rewritten atomically (temp file, fsync, ``os.replace``) and every
-  read-modify-write of it happens while holding ``registry.json.lock``, so concurrent
-  writers lose nothing and a crash leaves the old index or the new one;
-- outside checkpoints are imported through :func:`ensembler.models.read_outside_checkpoint`
-  (``weights_only=True``, never full unpickling) and checked key by key against the
-  declared architecture and head;
-- keys of an entry this version does not know are kept when the index is rewritten.
+:class:`Registry` is the one object the rest of ensembler holds; weights I/O lives in
+:mod:`.weights` and the import of outside checkpoints in :mod:`.outside`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
+import json
 import os
-import re
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from ._io import atomic_path, sha256_file, write_json_atomic
-from .errors import EnsemblerError, IntegrityError, RegistryError
-from .labels import LabelSpace
-from .preprocess import Preprocess
+from .._io import write_json_atomic
+from ..errors import EnsemblerError, RegistryError
+from ..labels import LabelSpace
+from ..logits import sidecar_path
+from ..preprocess import Preprocess
+from .entry import FROZEN_FIELDS, INDEX_NAME, INDEX_VERSION, Entry, check_name, resolve_root
+from .outside import import_checkpoint
+from .weights import model_with_weights, new_entry, read_weights, weights_problems, weights_rel, write_weights
+from .weights import build_model as _build_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
-
-INDEX_NAME = "registry.json"
-INDEX_VERSION = 1
-WEIGHTS_NAME = "weights.safetensors"
-ENV_VAR = "ENSEMBLER_REGISTRY"
-DEFAULT_ROOT = "checkpoints"
-
-# Family names and ids become folder names: keep them to one portable path component.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-# Entry fields that identify the stored weights; update() refuses to change them.
-_FROZEN_FIELDS = ("id", "sha256", "weights", "created")
-
-
-@dataclass
-class Entry:
-    """One checkpoint of the registry.
-
-    Attributes
-    ----------
-    id : str
-        Unique name, ``<family>-fold<k>`` by default (``<family>`` without a fold).
-    family : str
-        The training run; its fold checkpoints' validation folds cover the training set once.
-    fold : int or None
-    arch : str
-        timm architecture.
-    head : {"flat", "factored"}
-    label_space : dict
-        ``LabelSpace.to_dict()`` of what the model predicts (a factor's space for ``target``).
-    preprocess : dict
-        ``Preprocess.to_dict()``.
-    sha256 : str
-        Of the weights file.
-    weights : str
-        Weights path relative to the registry root.
-    metrics : dict
-        Validation metrics (e.g. ``{"val_macro_f1": 0.81}``).
-    oof : str or None
-        OOF logits path relative to the registry root.
-    target : str or None
-        Factor name for a per-factor model (e.g. ``"age"``).
-    train_config : dict
-        How it was trained (or where it was imported from, under ``"import"``).
-    versions : dict
-        torch, timm, ensembler versions that wrote it.
-    created : str
-        ISO 8601 time (UTC).
-    model_kwargs : dict
-        Extra ``timm.create_model`` arguments the weights need (e.g. ``img_size`` of a ViT).
-    extra : dict
-        Keys of the stored entry this version does not know; written back unchanged.
-    """
-
-    id: str
-    family: str
-    fold: int | None
-    arch: str
-    head: str
-    label_space: dict
-    preprocess: dict
-    sha256: str
-    weights: str
-    metrics: dict = field(default_factory=dict)
-    oof: str | None = None
-    target: str | None = None
-    train_config: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
-    created: str = ""
-    model_kwargs: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def labels(self) -> LabelSpace:
-        return LabelSpace.from_dict(self.label_space)
-
-    @property
-    def pre(self) -> Preprocess:
-        return Preprocess.from_dict(self.preprocess)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_space["classes"])
-
-    @property
-    def num_outputs(self) -> int:
-        from .models import head_num_outputs
-
-        return head_num_outputs(self.labels, self.head)
-
-    @property
-    def val_macro_f1(self) -> float | None:
-        """The validation macro-F1 under whichever name the producer used, if any."""
-        for key in ("val_macro_f1", "macro_f1", "val_f1", "f1"):
-            value = self.metrics.get(key)
-            if isinstance(value, (int, float)):
-                return float(value)
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d.update({k: v for k, v in self.extra.items() if k not in d})
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Entry":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(d))
-        if missing:
-            raise RegistryError(f"registry entry {d.get('id', '?')!r} lacks fields {missing}")
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
-        return cls(**known, extra=extra)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-    import timm
-    import torch
-
-    from . import __version__
-
-    return {"torch": torch.__version__, "timm": timm.__version__, "ensembler": __version__,
-            "safetensors": safetensors.__version__}
-
-
-def _check_name(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise RegistryError(
-            f"{what} {value!r} must start with a letter or digit and contain only letters, "
-            f"digits, '.', '_', '+', '-' (it becomes a folder/file name)"
-        )
-    return value
-
-
-def default_entry_id(family: str, fold: int | None) -> str:
-    return family if fold is None else f"{family}-fold{fold}"
-
-
-def resolve_root(root: str | os.PathLike | None = None) -> Path:
-    """``root``, else ``$ENSEMBLER_REGISTRY``, else ``./checkpoints``."""
-    if root is not None and str(root) != "":
-        return Path(root)
-    env = os.environ.get(ENV_VAR, "").strip()
-    return Path(env) if env else Path(DEFAULT_ROOT)
 
 
 class Registry:
@@ -235,8 +73,6 @@ class Registry:
 
     def _read_raw(self) -> list[dict]:
         """The stored entries as dicts (unknown keys kept); [] when there is no index yet."""
-        import json
-
         path = self.index_path
         if not path.exists():
             return []
@@ -332,12 +168,62 @@ class Registry:
                     out.setdefault(e.id, e)
         return list(out.values())
 
+    def member_names(self, names: str | Iterable[str]) -> list[str]:
+        """Ensemble member names in order: ``"all"`` becomes every family; commas split a string.
+
+        Names are not looked up here (a composition ``a+b+c`` stays one name); a name given
+        twice, or nothing at all, is an :class:`EnsemblerError`.
+        """
+        if isinstance(names, str):
+            items = [s.strip() for s in names.split(",") if s.strip()]
+        else:
+            items = [str(s).strip() for s in names]
+        if not items:
+            raise EnsemblerError("no members given; pass 'all', family names or checkpoint ids")
+        out: list[str] = []
+        for item in items:
+            if item == "all":
+                fams = self.families()
+                if not fams:
+                    raise EnsemblerError(f"the registry {self.root} holds no checkpoints ('all' is empty)")
+                out.extend(f for f in fams if f not in out)
+            elif item in out:
+                raise EnsemblerError(f"members lists {item!r} twice")
+            else:
+                out.append(item)
+        return out
+
+    def members(self, names) -> list[tuple[str, list[Entry]]]:
+        """``[(member name, [checkpoint entries])]`` for ensemble members, in the order asked.
+
+        ``names`` as :meth:`member_names` takes them, or :class:`Entry` objects (each stands
+        for itself). A family name gives its fold checkpoints (a family member is the mean over
+        them); a checkpoint id gives that checkpoint alone; an unknown name is a
+        :class:`RegistryError` naming close matches.
+        """
+        if isinstance(names, Entry):
+            names = [names]
+        if isinstance(names, str) or not any(isinstance(n, Entry) for n in names):
+            items: list = self.member_names(names)
+        else:
+            items = list(names)
+        families = set(self.families())
+        out: dict[str, list[Entry]] = {}
+        for item in items:
+            if isinstance(item, Entry):
+                out.setdefault(item.id, [item])
+            elif item in families:
+                out.setdefault(item, self.family(item))
+            else:
+                out.setdefault(item, self.resolve([item]))
+        return list(out.items())
+
     def path(self, rel: str | os.PathLike) -> Path:
         """Absolute-or-root-relative path of a file the registry records relative to its root."""
         return self.root / rel
 
     def family_dir(self, family: str) -> Path:
-        return self.root / _check_name(family, "family")
+        return self.root / check_name(family, "family")
 
     # ------------------------------------------------------------------ writes
     def add(self, model_or_state_dict, *, family: str, fold: int | None, arch: str, head: str,
@@ -373,88 +259,30 @@ class Registry:
         -------
         Entry
         """
-        import torch
-
-        from .models import _as_label_space, _check_head, check_arch, check_finite, check_state_dict
-
-        _check_name(family, "family")
-        if fold is not None:
-            if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
-                raise RegistryError(f"fold must be a non-negative int or None, got {fold!r}")
-        entry_id = _check_name(entry_id or default_entry_id(family, fold), "entry id")
-        ls = _as_label_space(label_space)
-        _check_head(head, ls)
-        check_arch(arch)
-        if preprocess is None:
-            pre = Preprocess.from_timm(arch)
-        elif isinstance(preprocess, Preprocess):
-            pre = preprocess
-        elif isinstance(preprocess, Mapping):
-            pre = Preprocess.from_dict(dict(preprocess))
-        else:
-            raise RegistryError(f"preprocess must be a Preprocess or dict, got {type(preprocess).__name__}")
-        if model_kwargs is None:
-            model_kwargs = _default_model_kwargs(arch, pre)
-
-        if isinstance(model_or_state_dict, torch.nn.Module):
-            state = model_or_state_dict.state_dict()
-        elif isinstance(model_or_state_dict, Mapping):
-            state = dict(model_or_state_dict)
-        else:
-            raise RegistryError(
-                f"add() takes a torch module or a state dict, got {type(model_or_state_dict).__name__}")
-        bad = [k for k, v in state.items() if not torch.is_tensor(v)]
-        if bad:
-            raise RegistryError(f"state dict for {entry_id!r} has non-tensor values under {bad[:8]}")
-        # Own, contiguous CPU copies: safetensors refuses shared storage (tied weights).
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-        check_finite(state, f"weights of {entry_id!r}")
-        if check:
-            check_state_dict(state, arch, label_space=ls, head=head, source=f"weights of {entry_id!r}",
-                             model_kwargs=model_kwargs)
-
-        entry = Entry(
-            id=entry_id, family=family, fold=fold, arch=arch, head=head, label_space=ls.to_dict(),
-            preprocess=pre.to_dict(), sha256="", weights="", metrics=dict(metrics or {}), oof=oof,
-            target=target, train_config=dict(train_config or {}), versions=_versions(),
-            created=_now(), model_kwargs=dict(model_kwargs),
-        )
-        from safetensors.torch import save_file
-
-        metadata = {"format": "pt", "ensembler_id": entry_id, "arch": arch, "head": head}
+        entry, state = new_entry(
+            model_or_state_dict, family=family, fold=fold, arch=arch, head=head, label_space=label_space,
+            preprocess=preprocess, metrics=metrics, oof=oof, target=target, train_config=train_config,
+            entry_id=entry_id, model_kwargs=model_kwargs, check=check)
         with self._locked():
             raw = self._read_raw()
-            old = next((d for d in raw if d.get("id") == entry_id), None)
+            old = next((d for d in raw if d.get("id") == entry.id), None)
             if old is not None and not overwrite:
                 raise RegistryError(
-                    f"registry {self.root} already has an entry {entry_id!r}; pass overwrite=True "
+                    f"registry {self.root} already has an entry {entry.id!r}; pass overwrite=True "
                     f"(or remove it first) to replace it")
-            rel = self._weights_rel(family, fold, entry_id, raw)
-            target_path = self.root / rel
-            with atomic_path(target_path) as tmp:
-                save_file(state, str(tmp), metadata=metadata)
+            rel = weights_rel(family, fold, entry.id, raw)
             entry.weights = rel
-            entry.sha256 = sha256_file(target_path)
+            entry.sha256 = write_weights(self.root / rel, state, entry)
             if old is not None:
                 # An overwritten entry keeps the unknown keys a newer version stored in it.
                 entry.extra = {k: v for k, v in old.items() if k not in entry.to_dict()}
-                raw = [entry.to_dict() if d.get("id") == entry_id else d for d in raw]
+                raw = [entry.to_dict() if d.get("id") == entry.id else d for d in raw]
             else:
                 raw.append(entry.to_dict())
             self._write_raw(raw)
             if old is not None and old.get("weights") and old.get("weights") != rel:
                 self._delete_unreferenced(old["weights"], raw)
         return entry
-
-    def _weights_rel(self, family: str, fold: int | None, entry_id: str, raw: list[dict]) -> str:
-        folder = f"{family}/{'single' if fold is None else f'fold{fold}'}"
-        rel = f"{folder}/{WEIGHTS_NAME}"
-        owners = {d.get("id") for d in raw if d.get("weights") == rel}
-        if owners - {entry_id}:
-            # Another entry (e.g. a per-factor model of the same family/fold) owns the default
-            # file; never overwrite its weights.
-            rel = f"{folder}/{entry_id}.safetensors"
-        return rel
 
     def update(self, entry_id: str, **fields) -> Entry:
         """Change fields of an entry (metrics, oof, train_config, ...); returns the new entry.
@@ -463,9 +291,7 @@ class Registry:
         cannot be changed. Names that are not Entry fields (e.g. ``onnx={...}`` recorded by
         the ONNX exporter) are stored as extra keys of the entry and kept on every rewrite.
         """
-        import json
-
-        frozen = sorted(set(fields) & set(_FROZEN_FIELDS + ("extra",)))
+        frozen = sorted(set(fields) & set(FROZEN_FIELDS + ("extra",)))
         if frozen:
             raise RegistryError(
                 f"cannot update {frozen} of entry {entry_id!r}: they identify its stored weights")
@@ -503,14 +329,15 @@ class Registry:
             # leaves an orphan file, never an entry without weights.
             for key in ("weights", "oof"):
                 if old.get(key):
-                    self._delete_unreferenced(old[key], raw)
+                    self._delete_unreferenced(old[key], raw, logits=key == "oof")
 
-    def _delete_unreferenced(self, rel: str, raw: list[dict]) -> None:
+    def _delete_unreferenced(self, rel: str, raw: list[dict], logits: bool = False) -> None:
         if any(d.get("weights") == rel or d.get("oof") == rel for d in raw):
             return
         path = (self.root / rel)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        for file in (path, sidecar_path(path)) if logits else (path,):  # a logits file goes with its sidecar
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
         # Drop folders this left empty, up to (not including) the root.
         folder = path.parent
         root = self.root.resolve()
@@ -531,72 +358,27 @@ class Registry:
             Missing file, sha256 different from the entry's (both hashes named), an
             unparseable file or NaN/inf values; the message names the file.
         """
-        from safetensors.torch import load_file
-
-        from .models import check_finite
-
         entry = self.get(entry)
-        path = self.path(entry.weights)
-        if not path.is_file():
-            raise IntegrityError(f"weights file of {entry.id!r} is missing: {path}")
-        digest = sha256_file(path)
-        if digest != entry.sha256:
-            raise IntegrityError(
-                f"weights file {path} of {entry.id!r} was modified: sha256 {digest} != recorded "
-                f"{entry.sha256}")
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - SafetensorError
-            raise IntegrityError(f"weights file {path} of {entry.id!r} is not valid safetensors: {exc}") from exc
-        check_finite(state, f"weights file {path} of {entry.id!r}", error=IntegrityError)
-        return state
+        return read_weights(self.path(entry.weights), entry)
 
     def build_model(self, entry: Entry | str) -> "nn.Module":
         """The entry's architecture with its head, randomly initialised (pretrained=False)."""
-        from .models import create_model
-
-        entry = self.get(entry)
-        return create_model(entry.arch, label_space=entry.labels, head=entry.head, pretrained=False,
-                            **entry.model_kwargs)
+        return _build_model(self.get(entry))
 
     def load_model(self, entry_or_id: Entry | str, device="cpu") -> "nn.Module":
         """Build the entry's timm model (``pretrained=False``), load its verified weights
         strictly, move it to ``device`` and return it in eval mode."""
-        from .models import compare_state_dict
-
         entry = self.get(entry_or_id)
-        state = self.load_state_dict(entry)
-        model = self.build_model(entry)
-        diff = compare_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-        if not diff.ok:
-            raise IntegrityError(
-                f"weights file {self.path(entry.weights)} of {entry.id!r} does not match {entry.arch} "
-                f"with a {entry.head} head: {diff.describe()}")
-        model.load_state_dict(state, strict=True)
-        return model.to(device).eval()
+        return model_with_weights(entry, self.path(entry.weights), device)
 
     # ------------------------------------------------------------------ verification
     def verify_entry(self, entry: Entry | str) -> list[str]:
         """Problems of one entry (each names its file); [] when it is sound."""
-        from .models import _meta_state_shapes, compare_state_dict
-
         entry = self.get(entry)
         problems = []
         if entry.oof and not self.path(entry.oof).is_file():
             problems.append(f"OOF logits file of {entry.id!r} is missing: {self.path(entry.oof)}")
-        try:
-            state = self.load_state_dict(entry)
-        except IntegrityError as exc:
-            return problems + [str(exc)]
-        try:
-            expected = _meta_state_shapes(entry.arch, entry.labels, entry.head, entry.model_kwargs)
-        except EnsemblerError as exc:
-            return problems + [f"{self.path(entry.weights)} of {entry.id!r}: {exc}"]
-        diff = compare_state_dict(state, expected)
-        if not diff.ok:
-            problems.append(f"weights file {self.path(entry.weights)} of {entry.id!r} does not match "
-                            f"{entry.arch} with a {entry.head} head: {diff.describe()}")
-        return problems
+        return problems + weights_problems(entry, self.path(entry.weights))
 
     def verify(self, ids: Iterable[str] | None = None) -> list[tuple[str, str]]:
         """Check every entry (or those in ``ids``): file exists, sha256, safetensors parses,
@@ -610,6 +392,7 @@ class Registry:
         entries = self.entries() if ids is None else [self.get(i) for i in ids]
         return [(e.id, problem) for e in entries for problem in self.verify_entry(e)]
 
+
     # ------------------------------------------------------------------ import
     def import_checkpoint(self, path, *, arch: str, num_classes: int | None = None, label_space=None,
                           family: str | None = None, fold: int | None = None,
@@ -617,80 +400,11 @@ class Registry:
                           use_ema: bool | None = None, entry_id: str | None = None,
                           overwrite: bool = False, metrics: dict | None = None,
                           target: str | None = None) -> Entry:
-        """Import an outside checkpoint (``.pth``, ``.pth.tar``, ``.pt``, ``.bin``, ``.ckpt``,
-        ``.safetensors``) after checking it against ``arch`` and ``head``.
-
-        Parameters
-        ----------
-        path : path
-        arch : str
-            timm architecture the weights belong to.
-        num_classes : int, optional
-            Classes named "0".."N-1"; or give ``label_space`` (a LabelSpace, its dict, or a
-            list of class names). A factored head needs a factored LabelSpace.
-        family, fold : optional
-            Default family: the file name without its suffix.
-        img_size : int or (H, W), optional
-            Input size; default: the architecture's timm pretrained config.
-        head : {"flat", "factored"}
-        use_ema : bool, optional
-            Required when the file holds both EMA and non-EMA weights.
-
-        Raises
-        ------
-        RegistryError
-            Unreadable or unsafe file (never unpickled beyond tensors), ambiguous EMA, keys or
-            shapes that do not match (each listed with both shapes), non-finite values.
-        """
-        from .models import _meta_state_shapes, check_state_dict, read_outside_checkpoint
-
-        from .models import check_arch
-
-        path = Path(path)
-        check_arch(arch)
-        ls = _label_space_for_import(num_classes, label_space)
-        if family is None:
-            family = _family_from_path(path)
-        pre = Preprocess.from_timm(arch, img_size)
-        model_kwargs = _default_model_kwargs(arch, pre)
-        outside = read_outside_checkpoint(path, use_ema=use_ema)
-        import torch
-
-        expected = _meta_state_shapes(arch, ls, head, model_kwargs)
-        state, dropped = _select_model_keys(outside.state_dict, expected)
-        # Old checkpoints lack BatchNorm's num_batches_tracked counters; eval never reads them.
-        for key, shape in expected.items():
-            if key.endswith("num_batches_tracked") and key not in state and shape == ():
-                state[key] = torch.tensor(0, dtype=torch.long)
-        check_state_dict(state, arch, label_space=ls, head=head, source=f"checkpoint {path}",
-                         model_kwargs=model_kwargs)
-        info = outside.describe()
-        if dropped:
-            info["dropped_keys"] = dropped
-        info["path"] = str(path.resolve())
-        info["sha256"] = sha256_file(path)
-        return self.add(state, family=family, fold=fold, arch=arch, head=head, label_space=ls,
-                        preprocess=pre, metrics=metrics, target=target,
-                        train_config={"import": info}, entry_id=entry_id, overwrite=overwrite,
-                        model_kwargs=model_kwargs, check=False)
-
-
-def _select_model_keys(state: dict, expected: Mapping[str, tuple]) -> tuple[dict, list[str]]:
-    """A Lightning module's state dict holds the network under ``model.`` next to other
-    modules (``criterion.weight``, ``ema.*``, metric buffers). When stripping one wrapper
-    prefix from the keys that carry it gives exactly the architecture's keys, keep those and
-    report the rest as dropped; otherwise return ``state`` unchanged (the key check will list
-    every difference)."""
-    from .models import _WRAPPER_PREFIXES
-
-    if set(state) == set(expected):
-        return state, []
-    for prefix in _WRAPPER_PREFIXES:
-        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        core = {k for k in expected if not k.endswith("num_batches_tracked")}
-        if inner and core <= set(inner) <= set(expected):
-            return inner, sorted(k for k in state if not k.startswith(prefix))
-    return state, []
+        """Import an outside checkpoint after checking it against ``arch`` and ``head``
+        (see :func:`ensembler.registry.outside.import_checkpoint` for every argument)."""
+        return import_checkpoint(self, path, arch=arch, num_classes=num_classes, label_space=label_space,
+                                 family=family, fold=fold, img_size=img_size, head=head, use_ema=use_ema,
+                                 entry_id=entry_id, overwrite=overwrite, metrics=metrics, target=target)
 
 
 def _json_value(obj):
@@ -700,44 +414,3 @@ def _json_value(obj):
     if isinstance(obj, (np.integer, np.floating, np.ndarray, Path)):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _default_model_kwargs(arch: str, pre: Preprocess) -> dict:
-    """``img_size`` for fixed-input-size archs (ViT, Swin) whose size differs from timm's default:
-    their position embeddings are sized by it, so loading needs the same value."""
-    if not pre.fixed_input_size:
-        return {}
-    default = Preprocess.from_timm(arch)
-    if tuple(default.input_size) == tuple(pre.input_size):
-        return {}
-    return {"img_size": list(pre.input_size)}
-
-
-def _label_space_for_import(num_classes, label_space) -> LabelSpace:
-    if label_space is not None:
-        if isinstance(label_space, LabelSpace):
-            ls = label_space
-        elif isinstance(label_space, Mapping):
-            ls = LabelSpace.from_dict(dict(label_space))
-        else:
-            ls = LabelSpace(tuple(str(c) for c in label_space))
-        if num_classes is not None and int(num_classes) != ls.num_classes:
-            raise RegistryError(
-                f"--num-classes {num_classes} disagrees with the {ls.num_classes} classes given")
-        return ls
-    if num_classes is None:
-        raise RegistryError("importing a checkpoint needs --num-classes N or --classes a,b,c")
-    if isinstance(num_classes, bool) or int(num_classes) < 2:
-        raise RegistryError(f"--num-classes must be an integer >= 2, got {num_classes!r}")
-    return LabelSpace(tuple(str(i) for i in range(int(num_classes))))
-
-
-def _family_from_path(path: Path) -> str:
-    from .models import _suffix
-
-    stem = path.name[: -len(_suffix(path))] if _suffix(path) else path.stem
-    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-._+") or "imported"
-    return name
-
-
-__all__ = ["Entry", "Registry", "default_entry_id", "resolve_root"]
