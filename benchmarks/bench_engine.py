@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ensembler.data import SampleTable
     from ensembler.infer import export_onnx, parse_tta, predict_members
-    from ensembler.infer.engine import TorchForward, _make_loader, _resolve_device, _resolve_precision
+    from ensembler.device import resolve_device
+    from ensembler.infer.engine import TorchForward, make_decode_loader, resolve_precision
     from ensembler.infer.tta import default_chunk_size, forward_chunked
     from ensembler.labels import LabelSpace
     from ensembler.models import create_model
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     n_images = args.images or (16 if args.quick else 128)
     rounds = args.rounds or (1 if args.quick else 3)
     workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
-    device = _resolve_device(args.device)
-    precision = _resolve_precision("auto", device, "torch")
+    device = resolve_device(args.device)
+    precision = resolve_precision("auto", device, "torch")
     plan = parse_tta(args.tta)
     views, bs = len(plan), args.batch_size
     ttach_transforms = {"none": ttach.Compose([]), "hflip": ttach.aliases.hflip_transform(),
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 merge_mode="mean")
 
             def ttach_run(w=wrapper, channels_last=False):
-                loader = _make_loader(list(table.paths), pre, bs, workers, pin=device.type == "cuda")
+                loader = make_decode_loader(list(table.paths), pre, bs, workers, pin=device.type == "cuda")
                 with torch.inference_mode():
                     for _, images, _ in loader:
                         x = pre.normalize(images.to(device, non_blocking=True))

@@ -1,7 +1,8 @@
 """Crash-safe file writes and hashing.
 
 Every file ensembler writes that a later step reads (registry, weights, logits, recipes,
-submissions) goes through :func:`atomic_write`: a temp file in the same folder, fsync,
+submissions) goes through :func:`atomic_write` (logits through :func:`ensembler.logits.write_logits`,
+which writes its npz with :func:`write_bytes_atomic`): a temp file in the same folder, fsync,
 ``os.replace``. A crash leaves the old file or the new one, never half of one.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import stat
@@ -106,13 +106,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
-
-
-def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """``np.savez`` to ``path`` atomically (no ``.npz`` suffix is appended)."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes_atomic(path, buf.getvalue())
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

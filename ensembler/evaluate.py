@@ -5,7 +5,8 @@ macro-F1, accuracy, log-loss (when there are probabilities), per-class
 precision/recall/F1/support, the confusion matrix and its PNG. It takes a logits file (an OOF
 file, or ``ensembler infer`` output, read by :func:`load_logits_file`), or runs a
 recipe/members over labeled data through :func:`ensembler.predict.predict` (which resolves
-members, runs the engine and applies the recipe or vote; nothing of that lives here).
+members, runs the engine and applies the recipe or vote; nothing of that lives here) and
+scores each member alone with :meth:`~ensembler.predict.PredictionResult.member_joint_logits`.
 
 Nothing is written until every input has been validated, so a bad recipe, member or logits
 file leaves no plot behind.
@@ -14,7 +15,6 @@ file leaves no plot behind.
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from .errors import DataError, EnsemblerError, LogitError
-from .predict import _member_joint_logits, predict
+from .logits import few, read_logits_set
+from .predict import predict
 
 __all__ = ["EvaluationResult", "evaluate", "load_logits_file", "plot_confusion_matrix", "per_class_table"]
 
@@ -75,11 +76,11 @@ def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: 
     Parameters
     ----------
     path : path
-        Either ``ids`` + ``logits`` (+ optional ``labels``, ``label_space``): an OOF file of
-        ``train-folds``, or any single member's logits; or what ``ensembler infer`` writes
-        (``ids``, ``members``, ``logits/<name>``): its members are combined with ``vote``.
+        A logits file (:mod:`ensembler.logits`, any version): one member (an OOF file of
+        ``train-folds``, an OOF-TTA file, a hand-made ``ids`` + ``logits`` npz) is scored as
+        it is; several (what ``ensembler infer --out`` writes) are combined with ``vote``.
     members : names, optional
-        ``infer`` output only: the members to use (default all).
+        The members of a several-member file to use (default all).
     vote, weights : see :func:`ensembler.ensemble.vote`.
 
     Returns
@@ -97,67 +98,37 @@ def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: 
         Naming the file: not a readable npz, missing arrays, NaN/inf, duplicate ids, a class
         count that disagrees with its label space, unknown members.
     """
-    from .ensemble import load_oof, vote as vote_fn
+    from .ensemble import vote as vote_fn
 
     path = Path(path)
-    files = _npz_names(path)
-    if "logits" in files:
-        m = load_oof(path, require=("ids", "logits"))
+    loaded = read_logits_set(path)  # LogitError naming the file and what is wrong
+    names = list(loaded)
+    if len(loaded) == 1 and members in (None, "all"):
+        m = loaded[names[0]]
         classes = list(m.label_space.classes) if m.label_space is not None else None
         info = {"classes": classes, "members": {m.name: m.logits}, "tie_rate": None, "rule": None}
         return m.ids, np.asarray(m.logits, dtype=np.float64), m.labels, info
-    if "members" not in files or "ids" not in files:
-        raise LogitError(f"logits file {path} has neither 'logits' (an OOF/single file) nor 'ids' + 'members' "
-                         f"(ensembler infer output); it has {sorted(files)}")
-    from .infer import load_member_logits
-
-    loaded = load_member_logits(path)
-    names = list(loaded)
     if members not in (None, "all"):
         want = [s.strip() for s in members.split(",")] if isinstance(members, str) else list(members)
         unknown = [n for n in want if n not in loaded]
         if unknown:
             raise LogitError(f"logits file {path} has no member(s) {unknown}; it holds {names}")
         names = want
-    arrays = {}
-    for n in names:
-        z = np.asarray(loaded[n].logits)
-        bad = ~np.isfinite(z).all(axis=1)
-        if bad.any():
-            raise LogitError(f"logits file {path}: member {n!r} has {int(bad.sum())} row(s) of NaN or inf logits, "
-                             f"e.g. id {str(loaded[n].ids[np.argmax(bad)])!r}")
-        arrays[n] = z
-    spaces = {tuple(loaded[n].label_space.classes) for n in names}
+    arrays = {n: np.asarray(loaded[n].logits) for n in names}
+    spaces = {tuple(loaded[n].label_space.classes) if loaded[n].label_space is not None else None for n in names}
     if len(spaces) > 1:
         raise LogitError(f"logits file {path}: its members predict different classes ({names})")
-    ids = np.asarray(loaded[names[0]].ids).astype(str)
-    if len(np.unique(ids)) != len(ids):
-        raise LogitError(f"logits file {path}: duplicate ids")
+    ref = loaded[names[0]]
     try:
         res = vote_fn(arrays, vote, weights=weights, names=names)
     except ValueError as exc:
         raise LogitError(f"logits file {path}: {exc}") from None
-    info = {"classes": list(spaces.pop()), "members": arrays, "tie_rate": res.tie_rate if vote == "hard" else None,
-            "rule": vote}
+    classes = spaces.pop()
+    info = {"classes": list(classes) if classes is not None else None, "members": arrays,
+            "tie_rate": res.tie_rate if vote == "hard" else None, "rule": vote}
     with np.errstate(divide="ignore"):
         logp = np.log(res.probs)
-    return ids, logp, None, info
-
-
-def _npz_names(path: Path) -> list[str]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise LogitError(f"logits file {path} is a bare .npy array, not an .npz")
-            return list(npz.files)
-    except FileNotFoundError:
-        raise LogitError(f"logits file {path} does not exist") from None
-    except IsADirectoryError:
-        raise LogitError(f"logits file {path} is a folder, not an .npz file") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        if isinstance(exc, LogitError):
-            raise
-        raise LogitError(f"logits file {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    return ref.ids, logp, ref.labels, info
 
 
 def _align_to_table(path, ids: np.ndarray, table) -> np.ndarray:
@@ -169,9 +140,9 @@ def _align_to_table(path, ids: np.ndarray, table) -> np.ndarray:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} id(s) of the data missing from it, e.g. {missing[:3]}")
+            parts.append(f"{len(missing)} id(s) of the data missing from it, e.g. {few(missing, 3)}")
         if extra:
-            parts.append(f"{len(extra)} id(s) not in the data, e.g. {extra[:3]}")
+            parts.append(f"{len(extra)} id(s) not in the data, e.g. {few(extra, 3)}")
         raise LogitError(f"logits file {path} does not match {table.describe()}: " + "; ".join(parts))
     return np.fromiter((pos[i] for i in table_ids), dtype=np.int64, count=len(table_ids))
 
@@ -313,8 +284,7 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
         tie_rate = res.tie_rate
         if len(res.members) > 1:
             for s in res.members:
-                z = _member_joint_logits(s, res.member_parts.get(s, []), res.member_logits)
-                member_scores[s] = classification_scores(y, z)
+                member_scores[s] = classification_scores(y, res.member_joint_logits(s))
         name = f"recipe {recipe}" if recipe is not None else f"{res.vote} vote over {', '.join(res.members)}"
     if len(y) == 0:
         raise DataError("nothing to evaluate: no rows")

@@ -15,8 +15,8 @@
    vote, backend and the data fingerprint; an earlier identical submission is reported.
 
 Scoring a prediction against labels is :mod:`ensembler.evaluate`, which runs a recipe or
-members through :func:`predict` and composes per-factor members with
-:func:`_member_joint_logits` from here.
+members through :func:`predict` and scores each member alone with
+:meth:`PredictionResult.member_joint_logits`.
 
 Nothing is written until every input has been validated, so a bad recipe or member leaves
 no partial submission or ledger row behind.
@@ -58,7 +58,7 @@ class PredictionResult:
     members : list of str
         The ensemble's members in voting order (composed members as ``a+b+c``).
     weights : list of float or None
-    member_logits : dict name -> MemberLogits
+    member_logits : dict name -> Logits
         What the engine returned for every model that ran (factor parts included).
     tie_rate : float or None
         Hard votes only: fraction of rows whose top vote count was shared.
@@ -90,6 +90,10 @@ class PredictionResult:
     def cached(self) -> bool:
         """True when no model forward ran (every member came from the logit cache)."""
         return all(m.meta.get("cached") for m in self.member_logits.values())
+
+    def member_joint_logits(self, name: str) -> np.ndarray:
+        """Joint logits ``(N, C)`` of member ``name`` (a composition ``a+b+c``: its parts composed)."""
+        return _member_joint_logits(name, self.member_parts.get(name) or [], self.member_logits)
 
     def repeat_message(self) -> str | None:
         """The ledger's note about an earlier identical submission, or None."""
@@ -156,7 +160,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
     ...               out="submissions/tuned.csv")  # doctest: +SKIP
     >>> res.submission.path, res.repeat_message()  # doctest: +SKIP
     """
-    from .ensemble import Recipe, vote as vote_fn
+    from .ensemble import Recipe, tie_rate, vote as vote_fn
     from .ensemble.voting import VOTE_RULES
     from .infer import parse_tta, predict_members
     from .infer.tta import check_merge
@@ -180,12 +184,12 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
         parts_of = {m.name: list(m.parts) for m in recipe.active_members}
         rule = recipe.vote
     else:
-        specs = _member_specs(members, registry)
+        specs = registry.member_names(members)
         parts_of = {s: s.split(COMPOSE_SEP) if COMPOSE_SEP in s else [] for s in specs}
         rule = vote
 
     atoms = _atoms(specs, parts_of)
-    resolved = _resolve_atoms(registry, atoms)
+    resolved = dict(registry.members(atoms))  # RegistryError naming unknown members
     if recipe is not None:
         _check_recipe_against_registry(recipe, resolved)
     w = _check_vote_weights(rule, weights, specs) if recipe is None else None
@@ -202,7 +206,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
         _check_classes(recipe.classes, space, "recipe")
         logits = {name: np.asarray(ml.logits) for name, ml in engine_out.items()}
         pred, probs = recipe.apply(logits)
-        tie_rate = _tie_rate(probs) if rule == "hard" else None
+        ties = tie_rate(probs) if rule == "hard" else None
         weights_used = [m.weight for m in recipe.active_members]
     else:
         member_logits = {s: _member_joint_logits(s, parts_of[s], engine_out) for s in specs}
@@ -213,7 +217,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
                 raise
             raise LogitError(str(exc)) from None
         pred, probs = res.pred, res.probs
-        tie_rate = res.tie_rate if rule == "hard" else None
+        ties = res.tie_rate if rule == "hard" else None
         weights_used = None if w is None else [float(x) for x in w]
 
     fingerprint = next(iter(engine_out.values())).meta.get("fingerprint") or table.fingerprint()
@@ -231,7 +235,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
     }
     result = PredictionResult(ids=ids, pred=np.asarray(pred, dtype=np.int64), probs=np.asarray(probs),
                               label_space=space, vote=rule, members=list(specs), weights=weights_used,
-                              member_logits=engine_out, tie_rate=tie_rate,
+                              member_logits=engine_out, tie_rate=ties,
                               recipe_hash=inputs["recipe_hash"], inputs=inputs,
                               member_parts={k: list(v) for k, v in parts_of.items() if v}, table=table)
     if out is not None:
@@ -250,28 +254,6 @@ def _as_registry(registry):
     return registry
 
 
-def _member_specs(members, registry) -> list[str]:
-    """Member names in order: ``"all"`` expands to every family; duplicates are an error."""
-    if isinstance(members, str):
-        items = [s.strip() for s in members.split(",") if s.strip()]
-    else:
-        items = [str(s).strip() for s in members]
-    if not items:
-        raise EnsemblerError("--members is empty; pass 'all', family names or checkpoint ids")
-    specs: list[str] = []
-    for item in items:
-        if item == "all":
-            fams = registry.families()
-            if not fams:
-                raise EnsemblerError(f"the registry {registry.root} holds no checkpoints ('all' is empty)")
-            specs.extend(f for f in fams if f not in specs)
-        elif item in specs:
-            raise EnsemblerError(f"--members lists {item!r} twice")
-        else:
-            specs.append(item)
-    return specs
-
-
 def _atoms(specs: Sequence[str], parts_of: Mapping[str, list]) -> list[str]:
     atoms: list[str] = []
     for s in specs:
@@ -279,13 +261,6 @@ def _atoms(specs: Sequence[str], parts_of: Mapping[str, list]) -> list[str]:
             if a not in atoms:
                 atoms.append(a)
     return atoms
-
-
-def _resolve_atoms(registry, atoms: Sequence[str]) -> dict[str, list]:
-    """Each atom's checkpoint entries (a family: its folds); the registry's error names unknown ones."""
-    from .infer import resolve_members
-
-    return dict(resolve_members(registry, list(atoms)))
 
 
 def _check_recipe_against_registry(recipe, resolved: Mapping[str, list]) -> None:
@@ -321,15 +296,9 @@ def _member_joint_logits(spec: str, parts: Sequence[str], engine_out: Mapping) -
     """A member's joint logits; a composition ``a+b+c`` sums its factor parts' log-softmax."""
     if not parts:
         return np.asarray(engine_out[spec].logits)
-    from .ensemble import Member, compose_members
+    from .ensemble import compose_members
 
-    members = []
-    for p in parts:
-        ml = engine_out[p]
-        members.append(Member(name=p, ids=np.asarray(ml.ids).astype(str), logits=np.asarray(ml.logits),
-                              label_space=ml.label_space, kind="family",
-                              sha256=tuple(ml.meta.get("sha256", {}).values()), source=f"registry member {p}"))
-    return np.asarray(compose_members(members, name=spec).logits)
+    return np.asarray(compose_members([engine_out[p] for p in parts], name=spec).logits)
 
 
 def _joint_space(specs, parts_of, engine_out) -> LabelSpace:
@@ -387,10 +356,3 @@ def _member_records(specs, parts_of, resolved) -> list[dict]:
             rec["parts"] = list(parts)
         out.append(rec)
     return out
-
-
-def _tie_rate(scores: np.ndarray) -> float:
-    if len(scores) == 0:
-        return 0.0
-    top = scores.max(axis=1, keepdims=True)
-    return float((np.isclose(scores, top, rtol=0, atol=1e-12).sum(axis=1) > 1).mean())

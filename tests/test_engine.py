@@ -11,8 +11,8 @@ import torch
 
 from ensembler.data import SampleTable, decode_image
 from ensembler.errors import ImageDecodeError, RegistryError
-from ensembler.infer import (CacheWarning, LogitStore, TTAError, load_member_logits, predict_batch,
-                             predict_members)
+from ensembler.infer import CacheWarning, LogitStore, TTAError, predict_batch, predict_members
+from ensembler.logits import read_logits_set
 from ensembler.labels import Factor, LabelSpace
 from ensembler.models import create_model, joint_logits
 from ensembler.preprocess import Preprocess
@@ -218,7 +218,7 @@ def test_cli_infer_writes_member_logits(setup, tmp_path, monkeypatch):
     argv = ["infer", "--data", str(csv), "--registry", str(reg.root), "--members", "res,eff", "--tta", "hflip",
             "--out", str(out), "--workers", "0", "--cache-dir", str(cache)]
     assert main(argv) == 0
-    got = load_member_logits(out)
+    got = read_logits_set(out)
     assert list(got) == ["res", "eff"] and got["res"].logits.shape == (len(table), 3)
     direct = predict_members(table, "res,eff", reg, tta="hflip", cache_dir=cache, progress=False)
     assert direct["res"].meta["cached"]  # the CLI run filled the cache

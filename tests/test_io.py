@@ -26,17 +26,15 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["a.txt"]
 
 
-def test_atomic_path_and_npz(tmp_path):
-    p = tmp_path / "l.npz"
-    _io.save_npz_atomic(p, ids=np.array(["a", "b"]), logits=np.ones((2, 3), np.float32))
-    with np.load(p) as z:
-        assert list(z["ids"]) == ["a", "b"] and z["logits"].shape == (2, 3)
+def test_atomic_path_and_bytes(tmp_path):
+    p = tmp_path / "l.bin"
+    _io.write_bytes_atomic(p, b"payload")
     q = tmp_path / "w.bin"
     with pytest.raises(ValueError):
         with _io.atomic_path(q) as tmp:
             tmp.write_bytes(b"x")
             raise ValueError
-    assert not q.exists() and os.listdir(tmp_path) == ["l.npz"]
+    assert not q.exists() and os.listdir(tmp_path) == ["l.bin"]
     assert _io.sha256_file(p) == _io.sha256_bytes(p.read_bytes())
 
 

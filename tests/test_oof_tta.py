@@ -12,7 +12,8 @@ from ensembler.cli import main
 from ensembler.data import decode_image, load_source
 from ensembler.ensemble.members import load_members, load_oof
 from ensembler.errors import LogitError
-from ensembler.infer import oof_tta, tta_report
+from ensembler.infer import engine, oof_tta, tta_report
+from ensembler.logits import read_logits, write_logits
 from ensembler.metrics import classification_scores
 from ensembler.registry import Registry
 from ensembler.train import TrainConfig, train_folds
@@ -97,7 +98,7 @@ def test_hflip_view_and_merge_match_an_independent_forward(family, tmp_path):
 def test_each_fold_checkpoint_sees_only_its_own_validation_rows(family, tmp_path, monkeypatch):
     table, registry, fam, _ = family
     loaders, forwards = [], []
-    real_loader, real_views = oof_tta._make_loader, oof_tta._views_joint
+    real_loader, real_views = engine.make_decode_loader, engine._views_joint
 
     def spy_loader(paths, pre, *a, **kw):
         loaders.append(list(paths))
@@ -107,8 +108,8 @@ def test_each_fold_checkpoint_sees_only_its_own_validation_rows(family, tmp_path
         forwards.append((entry.fold, int(x.shape[0]), len(plan)))
         return real_views(fwd, x, plan, entry, *a, **kw)
 
-    monkeypatch.setattr(oof_tta, "_make_loader", spy_loader)
-    monkeypatch.setattr(oof_tta, "_views_joint", spy_views)
+    monkeypatch.setattr(engine, "make_decode_loader", spy_loader)
+    monkeypatch.setattr(engine, "_views_joint", spy_views)
     rep = tta_report(table, fam, registry, tta="flip", progress=False, cache_dir=tmp_path, batch_size=8,
                      use_cache=False)
     oof = _oof(registry, fam)
@@ -153,7 +154,7 @@ def test_plan_without_identity_still_scores_no_tta_and_every_merge(family, tmp_p
     assert rep.output.name == f"{fam}_oof_tta_center-crop_28x28_mean-probs.npz"
 
     # A second run is served from the per-view cache: no forward, same numbers.
-    monkeypatch.setattr(oof_tta, "_fold_views", lambda *a, **k: pytest.fail("forward ran despite the cache"))
+    monkeypatch.setattr(oof_tta, "checkpoint_view_logits", lambda *a, **k: pytest.fail("forward ran despite the cache"))
     again = tta_report(table, fam, registry, tta="center-crop=28", merge="mean-probs", progress=False,
                        cache_dir=tmp_path)
     assert again.meta["cached_folds"] == [0, 1, 2]
@@ -177,9 +178,8 @@ def test_identity_mismatch_is_reported_with_its_size_not_raised(family, tmp_path
     shutil.copytree(registry.root, root)
     copy = Registry(root)
     path = copy.family_dir(fam) / "oof.npz"
-    oof = _oof(copy, fam)
-    oof["logits"] = oof["logits"] + np.float32(0.5)  # as if the trainer had preprocessed differently
-    np.savez(path, **oof)
+    oof = read_logits(path)
+    write_logits(path, oof.replace(logits=oof.logits + np.float32(0.5)))  # as if the trainer preprocessed otherwise
     rep = tta_report(table, fam, copy, tta="hflip", progress=False, cache_dir=tmp_path / "cache")
     assert not rep.identity_matches
     assert rep.identity_max_abs_diff == pytest.approx(0.5, abs=1e-4)

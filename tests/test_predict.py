@@ -358,12 +358,12 @@ def test_cli_evaluate_logits(setup, tmp_path, capsys, monkeypatch):
 
 
 def test_evaluate_infer_output_votes_its_members(setup, tmp_path):
-    from ensembler.infer import save_member_logits
+    from ensembler.logits import write_logits
     from ensembler.metrics import macro_f1
 
     table, reg, cache, _ = setup
     engine = predict_members(table, "res-fold0,res-fold1,eff", reg, cache_dir=cache, progress=False)
-    f = save_member_logits(tmp_path / "infer.npz", engine)
+    f = write_logits(tmp_path / "infer.npz", engine)
     res = evaluate(table, logits=f, vote="hard")
     ref = vote({k: m.logits for k, m in engine.items()}, "hard")
     assert res.f1 == pytest.approx(macro_f1(table.labels, ref.pred, 3))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from ensembler.data import load_source
 from ensembler.errors import DataError, EnsemblerError
+from ensembler.logits import read_logits
 from ensembler.registry import Registry
 from ensembler.train import Callbacks, LoopSettings, TrainConfig, run_fold, train_folds
 from ensembler.train.curves import CSV_COLUMNS
@@ -74,7 +74,7 @@ def test_digits_registers_k_checkpoints_and_full_oof(digits_run):
     assert logits.dtype == np.float32 and logits.shape == (len(table), 10)
     assert np.isfinite(logits).all()
     assert result.oof_complete
-    meta = json.loads((result.oof_path.parent / "oof.json").read_text())
+    meta = read_logits(result.oof_path).meta  # the sidecar oof.json
     assert meta["complete"] is True and meta["rows"] == len(table)
 
     # Above chance (10 balanced classes: 0.1), computed independently from the file.

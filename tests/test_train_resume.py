@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ensembler.data import digits_folder, load_source
 from ensembler.errors import EnsemblerError
+from ensembler.logits import read_logits
 from ensembler.registry import Registry
 from ensembler.train import TrainConfig, train_folds
 from ensembler.train.state import load_state, save_state
@@ -112,7 +113,7 @@ def test_partial_oof_then_resume_completes_it(digits_csv, tmp_path):
         fold1 = part.table.ids[part.table.folds == 1]
         assert sorted(z["ids"].tolist()) == sorted(fold1.tolist())
         assert set(z["folds"].tolist()) == {1}
-    meta = json.loads((part.oof_path.parent / "oof.json").read_text())
+    meta = read_logits(part.oof_path).meta  # the sidecar oof.json
     assert meta["complete"] is False and meta["rows"] < len(table)
     sha1 = registry.get("fam-fold1").sha256
 

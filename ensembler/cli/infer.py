@@ -2,7 +2,8 @@
 
 ONNX export with parity, raw member logits, and TTA judged on out-of-fold data. Handlers parse
 and print; the work is :mod:`ensembler.infer` (``export_onnx``, ``predict_members``,
-``save_member_logits``, ``tta_report``). Voting and submissions are ``ensembler predict``.
+``tta_report``) and :func:`ensembler.logits.write_logits`. Voting and submissions are
+``ensembler predict``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def register(sub) -> None:
                    help="'all', or comma-separated family names / checkpoint ids (default all)")
     add_engine_args(p, amp=True)
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
-    p.add_argument("--out", required=True, metavar="PATH", help="output .npz (a .json sidecar is written beside it)")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="output .npz, every member's logits side by side (its .json sidecar is written beside it)")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(
@@ -76,7 +78,8 @@ def cmd_infer(args) -> int:
     from rich.table import Table
 
     from ..data import load_source_from_args
-    from ..infer import predict_members, save_member_logits
+    from ..infer import predict_members
+    from ..logits import write_logits
     from ..registry import Registry
 
     if not str(args.out).endswith(".npz"):
@@ -88,7 +91,7 @@ def cmd_infer(args) -> int:
         batch_size=args.batch_size, workers=workers, device=args.device, cache_dir=args.cache_dir,
         use_cache=args.use_cache, amp=False if args.amp == "off" else args.amp, compile=args.compile,
         progress=True)
-    path = save_member_logits(args.out, results)
+    path = write_logits(args.out, results)
 
     t = Table(title=f"member logits over {len(table)} images · TTA {next(iter(results.values())).meta['tta']}")
     for col in ("member", "checkpoints", "classes", "views", "backend", "cached", "seconds"):

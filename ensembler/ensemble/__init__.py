@@ -30,7 +30,7 @@ from .blend import (
 )
 from .choice import Candidate, Decision, choose
 from .tuning import TuneResult, honest_score, temperature_at_bound, tune_weights
-from .voting import VOTE_RULES, VoteResult, check_weights, stack_member_logits, vote
+from .voting import VOTE_RULES, VoteResult, check_weights, stack_member_logits, tie_rate, vote
 
 __all__ = [
     "METHODS",
@@ -68,6 +68,7 @@ __all__ = [
     "scipy_weights",
     "stack_member_logits",
     "temperature_at_bound",
+    "tie_rate",
     "tune_weights",
     "vote",
 ]

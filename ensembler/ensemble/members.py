@@ -1,10 +1,13 @@
 """Ensemble members: OOF logits loaded, validated, aligned by id, composed from factor models.
 
-A :class:`Member` is one column of the ensemble: a registry family (its folds' OOF logits
-concatenated by the trainer), a single checkpoint, a raw ``.npz`` OOF file, or a
-*composed* member built from per-factor models (``mask_fam+gender_fam+age_fam``): the sum
-of each factor model's log-softmax in the parent LabelSpace's factor order, which is the
-joint log-probability a factored head would give (:func:`ensembler.labels.joint_from_factor_logprobs`).
+A member is one column of the ensemble, an :class:`ensembler.logits.Logits` (``Member`` is
+the same class): a registry family (its folds' OOF logits concatenated by the trainer), a
+single checkpoint, a raw ``.npz`` OOF file, or a *composed* member built from per-factor
+models (``mask_fam+gender_fam+age_fam``): the sum of each factor model's log-softmax in the
+parent LabelSpace's factor order, which is the joint log-probability a factored head would
+give (:func:`ensembler.labels.joint_from_factor_logprobs`). Where a member came from is in
+its ``meta``: ``kind`` (family, checkpoint, composed, file), ``sha256`` of the weights behind
+it, ``source`` (its file) and ``parts`` (of a composition).
 
 Every problem is a :class:`~ensembler.errors.LogitError` naming the file (and a few
 offending ids): not an npz, a missing array, NaN/inf, a wrong class count, ids or labels
@@ -13,95 +16,49 @@ that disagree between members.
 
 from __future__ import annotations
 
-import json
-import zipfile
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ..errors import EnsemblerError, LogitError
+from ..errors import LogitError
 from ..labels import LabelSpace, joint_from_factor_logprobs
+from ..logits import Logits, few, read_logits
 from ..metrics import log_softmax
 
 MEMBER_KINDS = ("family", "checkpoint", "composed", "file")
 OOF_ARRAYS = ("ids", "logits", "labels", "folds")
 COMPOSE_SEP = "+"
 
-
-@dataclass(frozen=True)
-class Member:
-    """One ensemble member's OOF (or test) logits and where they came from.
-
-    Attributes
-    ----------
-    name : str
-        Family name, checkpoint id, file stem, or ``a+b+c`` for a composed member.
-    ids : ndarray (N,) of str
-    logits : ndarray (N, C)
-        Joint logits (or joint log-probs); a softmax gives the probabilities.
-    labels, folds : ndarray (N,) of int64, or None
-    label_space : LabelSpace or None
-        ``None`` for a raw ``.npz`` without one: then only the class count is checked.
-    kind : {"family", "checkpoint", "composed", "file"}
-    sha256 : tuple of str
-        sha256 of each weights file behind the member (fold order), when known.
-    source : str
-        The OOF file (for composed members, the parts' files joined by ``+``).
-    parts : tuple of str
-        Composed members: the factor members' names in the joint space's factor order.
-    """
-
-    name: str
-    ids: np.ndarray
-    logits: np.ndarray
-    labels: np.ndarray | None = None
-    folds: np.ndarray | None = None
-    label_space: LabelSpace | None = None
-    kind: str = "file"
-    sha256: tuple[str, ...] = ()
-    source: str = ""
-    parts: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.logits.shape[1])
-
-    def __len__(self) -> int:
-        return int(self.logits.shape[0])
-
-    def subset(self, index) -> "Member":
-        """Rows ``index`` of this member (ids, logits, labels and folds together)."""
-        pick = (lambda a: None if a is None else a[index])
-        return replace(self, ids=self.ids[index], logits=self.logits[index], labels=pick(self.labels),
-                       folds=pick(self.folds))
-
-
-def _few(ids: Iterable, k: int = 5) -> str:
-    ids = [str(i) for i in ids]
-    more = f" (+{len(ids) - k} more)" if len(ids) > k else ""
-    return ", ".join(repr(i) for i in ids[:k]) + more
+#: An ensemble member is a :class:`~ensembler.logits.Logits`; the name stays for readers of the ensemble code.
+Member = Logits
 
 
 def load_oof(path, *, name: str | None = None, label_space: LabelSpace | dict | None = None,
-             kind: str = "file", sha256: Sequence[str] = (), require: Sequence[str] = OOF_ARRAYS) -> Member:
+             kind: str = "file", sha256: Sequence[str] = (), require: Sequence[str] = OOF_ARRAYS) -> Logits:
     """Load and validate one OOF logits file (``ids``, ``logits``, ``labels``, ``folds``).
 
     Parameters
     ----------
     path : str or Path
-        An ``.npz`` written by the trainer (``<registry>/<family>/oof.npz``) or by hand.
+        A logits file (:mod:`ensembler.logits`): the trainer's ``<registry>/<family>/oof.npz``,
+        an OOF-TTA file of ``tta-report``, or an ``.npz`` made by hand.
     name : str, optional
         Member name (default: the file stem).
     label_space : LabelSpace or dict, optional
-        The member's classes; when omitted, an optional ``label_space`` JSON string stored in
-        the npz is used, else the member has none (only its class count is checked).
+        The member's classes; when omitted, the file's own label space is used (its sidecar,
+        or a ``label_space`` JSON string stored in the npz), else the member has none (only
+        its class count is checked).
     kind : {"family", "checkpoint", "composed", "file"}
     sha256 : sequence of str
         sha256 of the weights behind the logits, recorded in the Recipe.
     require : sequence of str
         Arrays that must be present (test-time logits need only ``ids`` and ``logits``).
+
+    Returns
+    -------
+    Logits
+        With ``meta`` ``kind``, ``sha256`` and ``source`` set.
 
     Raises
     ------
@@ -115,86 +72,31 @@ def load_oof(path, *, name: str | None = None, label_space: LabelSpace | dict | 
     >>> d = tempfile.mkdtemp(); p = os.path.join(d, "effnet.npz")
     >>> np.savez(p, ids=np.array(["a", "b"]), logits=np.zeros((2, 3), np.float32),
     ...          labels=np.array([0, 2]), folds=np.array([0, 1]))
-    >>> m = load_oof(p); (m.name, m.num_classes, len(m))
-    ('effnet', 3, 2)
+    >>> m = load_oof(p); (m.name, m.num_classes, len(m), m.kind)
+    ('effnet', 3, 2, 'file')
     """
-    path = Path(path)
     if kind not in MEMBER_KINDS:
-        raise ValueError(f"unknown member kind {kind!r}; choose one of {MEMBER_KINDS}")
-    name = path.stem if name is None else str(name)
-    try:
-        npz = np.load(path, allow_pickle=False)
-        if not hasattr(npz, "files"):
-            raise LogitError(f"OOF file {path} is a bare .npy array, not an .npz with {list(OOF_ARRAYS)}")
-        with npz:
-            missing = [k for k in require if k not in npz.files]
-            if missing:
-                raise LogitError(f"OOF file {path} lacks array(s) {missing} (it has {sorted(npz.files)})")
-            arrays = {k: npz[k] for k in npz.files if k in (*OOF_ARRAYS, "label_space")}
-    except FileNotFoundError:
-        raise LogitError(f"OOF file {path} does not exist") from None
-    except IsADirectoryError:
-        raise LogitError(f"OOF file {path} is a folder, not an .npz file") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise LogitError(f"OOF file {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
-
-    logits = arrays["logits"]
-    if logits.ndim != 2 or logits.shape[1] < 2 or not np.issubdtype(logits.dtype, np.floating):
-        raise LogitError(f"OOF file {path}: 'logits' must be a float (N, C>=2) array, got {logits.dtype} {logits.shape}")
-    n = logits.shape[0]
-    ids = arrays.get("ids")
-    if ids is not None:
-        if ids.ndim != 1 or len(ids) != n:
-            raise LogitError(f"OOF file {path}: 'ids' has shape {ids.shape} but 'logits' has {n} rows")
-        ids = ids.astype(str)
-        uniq, counts = np.unique(ids, return_counts=True)
-        if len(uniq) != n:
-            raise LogitError(f"OOF file {path}: duplicate ids {_few(uniq[counts > 1])}")
-    bad_rows = ~np.isfinite(logits).all(axis=1)
-    if bad_rows.any():
-        where = _few(ids[bad_rows]) if ids is not None else _few(np.flatnonzero(bad_rows))
-        raise LogitError(f"OOF file {path}: {int(bad_rows.sum())} row(s) of logits are NaN or inf, e.g. ids {where}")
-
-    if label_space is None and "label_space" in arrays:
-        try:
-            label_space = json.loads(str(arrays["label_space"]))
-        except json.JSONDecodeError as exc:
-            raise LogitError(f"OOF file {path}: 'label_space' is not valid JSON ({exc})") from None
-    if isinstance(label_space, dict):
-        try:
-            label_space = LabelSpace.from_dict(label_space)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LogitError(f"OOF file {path}: bad label space ({exc})") from None
-    if label_space is not None and label_space.num_classes != logits.shape[1]:
-        raise LogitError(
-            f"OOF file {path}: logits have {logits.shape[1]} classes but the label space has "
-            f"{label_space.num_classes} ({list(label_space.classes)[:6]}...)"
-        )
-
-    def int_array(key):
-        a = arrays.get(key)
-        if a is None:
-            return None
-        if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
-            raise LogitError(f"OOF file {path}: '{key}' must be an int array of {n} rows, got {a.dtype} {a.shape}")
-        return a.astype(np.int64)
-
-    labels, folds = int_array("labels"), int_array("folds")
-    if labels is not None and n and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        out = (labels < 0) | (labels >= logits.shape[1])
-        raise LogitError(
-            f"OOF file {path}: labels outside 0..{logits.shape[1] - 1} (wrong class count?) at ids "
-            f"{_few(ids[out] if ids is not None else np.flatnonzero(out))}"
-        )
-    return Member(name=name, ids=ids, logits=logits, labels=labels, folds=folds, label_space=label_space,
-                  kind=kind, sha256=tuple(sha256), source=str(path))
+        raise LogitError(f"unknown member kind {kind!r}; choose one of {MEMBER_KINDS}")
+    z = read_logits(path, require=[k for k in require if k in ("labels", "folds")])
+    if label_space is not None:
+        if isinstance(label_space, dict):
+            try:
+                label_space = LabelSpace.from_dict(label_space)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise LogitError(f"OOF file {path}: bad label space ({exc})") from None
+        if label_space.num_classes != z.num_classes:
+            raise LogitError(
+                f"OOF file {path}: logits have {z.num_classes} classes but the label space has "
+                f"{label_space.num_classes} ({list(label_space.classes)[:6]}...)"
+            )
+    else:
+        label_space = z.label_space
+    return z.replace(name=str(name) if name is not None else Path(path).stem, label_space=label_space,
+                     meta_update={"kind": kind, "sha256": list(sha256)})
 
 
 def _reorder_to(ref: Member, m: Member) -> Member:
     """``m`` with its rows in ``ref``'s id order; LogitError naming m's file if the id sets differ."""
-    for x in (ref, m):
-        if x.ids is None:
-            raise LogitError(f"member {x.name!r} ({x.source}) has no ids: cannot align members by id")
     if np.array_equal(m.ids, ref.ids):
         return m
     missing = np.setdiff1d(ref.ids, m.ids)
@@ -202,9 +104,9 @@ def _reorder_to(ref: Member, m: Member) -> Member:
     if len(missing) or len(extra) or len(m.ids) != len(ref.ids):
         parts = []
         if len(missing):
-            parts.append(f"{len(missing)} id(s) of {ref.name!r} missing, e.g. {_few(missing)}")
+            parts.append(f"{len(missing)} id(s) of {ref.name!r} missing, e.g. {few(missing)}")
         if len(extra):
-            parts.append(f"{len(extra)} id(s) not in {ref.name!r}, e.g. {_few(extra)}")
+            parts.append(f"{len(extra)} id(s) not in {ref.name!r}, e.g. {few(extra)}")
         raise LogitError(f"OOF file {m.source} (member {m.name!r}) ids do not match: " + "; ".join(parts))
     ref_order = np.argsort(ref.ids, kind="stable")
     m_order = np.argsort(m.ids, kind="stable")
@@ -235,7 +137,7 @@ def align_members(members: Sequence[Member]) -> list[Member]:
             bad = m.labels != ref.labels
             raise LogitError(
                 f"OOF file {m.source} (member {m.name!r}): labels disagree with {ref.name!r} "
-                f"({ref.source}) on {int(bad.sum())} id(s), e.g. {_few(ref.ids[bad])}"
+                f"({ref.source}) on {int(bad.sum())} id(s), e.g. {few(ref.ids[bad])}"
             )
         out.append(m)
     return out
@@ -306,20 +208,18 @@ def compose_members(parts: Sequence[Member], name: str | None = None) -> Member:
     labels = None
     if all(p.labels is not None for p in aligned):
         labels = np.ravel_multi_index(tuple(p.labels for p in aligned), parent.factor_sizes).astype(np.int64)
-    return Member(
+    return Logits(
+        ref.ids, joint, labels=labels, folds=ref.folds, label_space=parent,
         name=name or COMPOSE_SEP.join(p.name for p in aligned),
-        ids=ref.ids, logits=joint, labels=labels, folds=ref.folds, label_space=parent, kind="composed",
-        sha256=tuple(s for p in aligned for s in p.sha256), source="+".join(p.source for p in aligned),
-        parts=tuple(p.name for p in aligned),
+        meta={"kind": "composed", "sha256": [s for p in aligned for s in p.sha256],
+              "source": "+".join(p.source for p in aligned), "parts": [p.name for p in aligned]},
     )
 
 
 # ---------------------------------------------------------------------------- resolution
 def _registry(registry):
-    try:
-        from ..registry import Registry  # written by the registry issue
-    except ImportError as exc:  # pragma: no cover - only before the registry module lands
-        raise EnsemblerError(f"the checkpoint registry is not available ({exc}); pass OOF files with --oof") from None
+    from ..registry import Registry
+
     return registry if hasattr(registry, "entries") else Registry(registry)
 
 

@@ -145,7 +145,16 @@ def _log_softmax_last(x: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def _tie_rate(scores: np.ndarray) -> float:
+def tie_rate(scores: np.ndarray) -> float:
+    """Fraction of rows whose top score is shared (exactly) by two or more classes.
+
+    The vote's argmax resolves each such tie to the smallest class index.
+
+    Examples
+    --------
+    >>> tie_rate(np.array([[1.0, 1.0, 0.0], [0.2, 0.5, 0.3]]))
+    0.5
+    """
     if scores.shape[0] == 0:
         return 0.0
     top = scores.max(axis=1, keepdims=True)
@@ -212,7 +221,7 @@ def vote(member_logits, rule: str = "soft", weights=None, names: Sequence[str] |
         counts = hard_vote_counts(stacked.argmax(axis=2), num_classes, w)
         pred = counts.argmax(axis=1)  # first maximum: the smallest class index wins ties
         probs = counts / counts.sum(axis=1, keepdims=True) if counts.shape[0] else counts
-        return VoteResult(pred.astype(np.int64), probs, _tie_rate(counts), rule)
+        return VoteResult(pred.astype(np.int64), probs, tie_rate(counts), rule)
 
     if rule in ("soft", "weighted"):
         probs = np.average(member_probabilities(stacked), axis=0, weights=w)
@@ -220,4 +229,4 @@ def vote(member_logits, rule: str = "soft", weights=None, names: Sequence[str] |
         probs = np.exp(log_softmax(np.average(_log_softmax_last(stacked), axis=0, weights=w)))
     else:  # logits
         probs = np.exp(log_softmax(np.average(np.asarray(stacked, dtype=np.float64), axis=0, weights=w)))
-    return VoteResult(probs.argmax(axis=1).astype(np.int64), probs, _tie_rate(probs), rule)
+    return VoteResult(probs.argmax(axis=1).astype(np.int64), probs, tie_rate(probs), rule)

@@ -29,59 +29,20 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..device import resolve_device
 from ..errors import DataError, EnsemblerError, ImageDecodeError, LogitError
+from ..logits import Logits
 from ..progress import Ticker
-from .store import LogitStore, MemberLogits, default_cache_dir
+from .store import LogitStore, default_cache_dir
 from .tta import build_views, check_merge, default_chunk_size, forward_chunked, merge_views, parse_tta
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["predict_members", "resolve_members", "BACKENDS"]
+__all__ = ["BACKENDS", "TorchForward", "check_run_args", "checkpoint_view_logits",
+           "load_forward", "make_decode_loader", "predict_members", "raise_decode_errors", "resolve_precision"]
 
 BACKENDS = ("torch", "onnx")
-
-
-# ---------------------------------------------------------------------------- members
-def _is_entry(obj) -> bool:
-    return hasattr(obj, "sha256") and hasattr(obj, "preprocess") and hasattr(obj, "id")
-
-
-def resolve_members(registry, entries_or_names) -> list[tuple[str, list]]:
-    """``[(member name, [checkpoint entries])]`` in the order asked, without duplicates.
-
-    ``"all"`` is every family; a family name gives that family (its folds are averaged); a
-    checkpoint id gives that checkpoint alone; an :class:`Entry` stands for itself. A string
-    may hold several names separated by commas.
-    """
-    if isinstance(entries_or_names, str) or _is_entry(entries_or_names):
-        entries_or_names = [entries_or_names]
-    items: list = []
-    for item in entries_or_names:
-        if isinstance(item, str):
-            items.extend(s.strip() for s in item.split(",") if s.strip())
-        else:
-            items.append(item)
-    if not items:
-        raise EnsemblerError("no members given; pass 'all', family names or checkpoint ids")
-    families = set(registry.families())
-    out: dict[str, list] = {}
-    for item in items:
-        if _is_entry(item):
-            out.setdefault(item.id, [item])
-        elif item == "all":
-            for fam in registry.families():
-                out.setdefault(fam, list(registry.family(fam)))
-            if not families:
-                raise EnsemblerError(f"the registry {registry.root} holds no checkpoints ('all' is empty)")
-        elif item in families:
-            out.setdefault(item, list(registry.family(item)))
-        else:
-            out.setdefault(item, list(registry.resolve([item])))  # RegistryError names unknown ids
-    for name, entries in out.items():
-        if not entries:
-            raise EnsemblerError(f"member {name!r} has no checkpoints")
-    return list(out.items())
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -115,7 +76,10 @@ class _DecodeDataset:
         return i, torch.zeros((3, *self.size), dtype=torch.uint8), err
 
 
-def _make_loader(paths, pre, batch_size: int, workers: int, pin: bool):
+def make_decode_loader(paths, pre, batch_size: int, workers: int, pin: bool):
+    """A DataLoader yielding ``(index, uint8 images (B, 3, H, W), errors)`` for ``paths``: each image
+    decoded once with ``pre``'s resize/centre crop; a decode failure travels as ``path\0reason``
+    in ``errors`` (see :func:`raise_decode_errors`)."""
     from torch.utils.data import DataLoader
 
     ds = _DecodeDataset(paths, pre.geometry_transform(), pre.input_size)
@@ -124,18 +88,9 @@ def _make_loader(paths, pre, batch_size: int, workers: int, pin: bool):
 
 
 # ---------------------------------------------------------------------------- forwards
-def _resolve_device(device) -> "torch.device":
-    import torch
-
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EnsemblerError(f"device {device!r} asked for, but CUDA is not available here")
-    return dev
-
-
-def _resolve_precision(amp, device, backend: str) -> str:
+def resolve_precision(amp, device, backend: str) -> str:
+    """The precision a run uses: ``fp32`` on the CPU and for ONNX; on CUDA ``amp`` ("auto":
+    bf16 where supported, else fp16; "fp16"/"bf16"; False/"off" for fp32)."""
     import torch
 
     if backend == "onnx" or device.type != "cuda" or amp in (False, None, "off", "fp32", "none"):
@@ -200,8 +155,8 @@ def _views_joint(forward, x, plan, entry, label_space, resize_to, chunk):
     """(B, V, C) per-view joint logits of one checkpoint for one normalised batch; returns the chunk used.
 
     Every view is turned into joint logits before any merge (factored heads: joint
-    log-probabilities per view). Used by :func:`_views_joint_merged` and by the OOF TTA report
-    (:mod:`ensembler.infer.oof_tta`), which scores the views one by one.
+    log-probabilities per view). Used by :func:`_views_joint_merged` and by
+    :func:`checkpoint_view_logits`, which keeps the views apart.
     """
     import torch
 
@@ -228,7 +183,7 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
                     backend: str = "torch", batch_size: int = 32, workers: int = 0, device=None,
                     cache_dir=None, use_cache: bool = True, amp="auto", compile: bool = False,
                     progress: bool = True, chunk_size: int | None = None,
-                    onnx_threads: int | None = None) -> dict[str, MemberLogits]:  # noqa: A002 - compile
+                    onnx_threads: int | None = None) -> dict[str, Logits]:  # noqa: A002 - compile
     """Logits of registry members over a SampleTable, with TTA, per-member preprocessing and caching.
 
     Parameters
@@ -274,9 +229,12 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
 
     Returns
     -------
-    dict[str, MemberLogits]
-        Keyed by member name, in the order asked. ``meta["cached"]`` is True when every
-        checkpoint of the member came from the cache (no forward pass).
+    dict[str, Logits]
+        Keyed by member name, in the order asked, each named so, over the table's ids in
+        its row order. ``meta``: ``checkpoints``, ``sha256`` (checkpoint id -> weights sha256),
+        ``tta``, ``views``, ``merge``, ``backend``, ``precision``, ``fingerprint``, ``cached``
+        (True when every checkpoint of the member came from the cache: no forward pass),
+        ``cached_checkpoints``, ``cache_files``, ``seconds``, ``device``.
 
     Raises
     ------
@@ -293,7 +251,7 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
     if len(table) == 0:
         raise DataError("the data has no images: nothing to predict")
 
-    members = resolve_members(registry, entries_or_names)
+    members = registry.members(entries_or_names)
     checkpoints: dict[str, Any] = {}
     for _, entries in members:
         for e in entries:
@@ -304,8 +262,8 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
         except EnsemblerError as exc:
             raise type(exc)(f"checkpoint {e.id!r} (input {e.pre.input_size[0]}x{e.pre.input_size[1]}): {exc}") from None
 
-    dev = _resolve_device(device)
-    precision = _resolve_precision(amp, dev, backend)
+    dev = resolve_device(device)
+    precision = resolve_precision(amp, dev, backend)
     store = LogitStore(cache_dir if cache_dir is not None else default_cache_dir(registry.root))
     fingerprint = table.fingerprint()
     ids = np.asarray(table.ids).astype(str)
@@ -345,7 +303,7 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
                     store.save(keys[e.id], ids, logits, meta)
                     results[e.id] = logits
 
-    out: dict[str, MemberLogits] = {}
+    out: dict[str, Logits] = {}
     for name, entries in members:
         spaces = {tuple(e.labels.classes) for e in entries}
         if len(spaces) != 1:
@@ -364,7 +322,7 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
             "seconds": round(sum(timings.get(e.id, 0.0) for e in entries), 3),
             "device": str(dev),
         }
-        out[name] = MemberLogits(name, ids, logits, entries[0].labels, meta)
+        out[name] = Logits(ids, logits, label_space=entries[0].labels, meta=meta, name=name)
     return out
 
 
@@ -382,6 +340,48 @@ def load_forward(registry, entry, *, backend, device, precision="fp32", compile=
     if compile:
         model = torch.compile(model)
     return TorchForward(model, device, precision)
+
+
+def checkpoint_view_logits(table, entry, registry, plans: Sequence, *, backend: str = "torch",
+                           batch_size: int = 32, workers: int = 0, device=None, precision: str = "fp32",
+                           chunk_size: int | None = None, onnx_threads: int | None = None,
+                           advance=None) -> np.ndarray:
+    """Per-view joint logits ``(N, V, C)`` of one checkpoint over ``table``'s rows, views unmerged.
+
+    The engine's path for one checkpoint: one decode per image (over the checkpoint's
+    geometry), its normalisation on the device, each plan's views stacked into the batch,
+    joint logits per view (factored heads: joint log-probabilities). ``plans`` are run one
+    after the other on each batch, and their views concatenated in order along axis 1 (the
+    OOF TTA report appends an identity plan when the judged plan has no identity view).
+    ``advance(n)`` is called after every batch of ``n`` images.
+
+    Raises
+    ------
+    ImageDecodeError
+        A corrupt image, named.
+    """
+    import torch
+
+    dev = resolve_device(device)
+    plans = [parse_tta(p) for p in plans]
+    fwd = load_forward(registry, entry, backend=backend, device=dev, precision=precision,
+                       onnx_threads=onnx_threads)
+    resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
+    loader = make_decode_loader(list(table.paths), entry.pre, batch_size, workers, pin=dev.type == "cuda")
+    chunks = [chunk_size if chunk_size is not None else default_chunk_size(dev)] * len(plans)
+    outs = []
+    with torch.inference_mode():
+        for _, images, errors in loader:
+            raise_decode_errors(errors)
+            x = entry.pre.normalize(images.to(dev, non_blocking=True))
+            joint = []
+            for i, plan in enumerate(plans):
+                views, chunks[i] = _views_joint(fwd, x, plan, entry, entry.labels, resize_to, chunks[i])
+                joint.append(views)
+            outs.append(torch.cat(joint, dim=1).float().cpu().numpy())
+            if advance is not None:
+                advance(len(images))
+    return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
 
 def raise_decode_errors(errors) -> None:
@@ -406,7 +406,7 @@ def _run_group(table, group, registry, *, plan, merge, backend, batch_size, work
         forwards.append([e, fwd, resize_to, chunk_size if chunk_size is not None else default_chunk_size(device)])
 
     pre = group[0].pre
-    loader = _make_loader(list(table.paths), pre, batch_size, workers, pin=device.type == "cuda")
+    loader = make_decode_loader(list(table.paths), pre, batch_size, workers, pin=device.type == "cuda")
     outs: dict[str, list] = {e.id: [] for e in group}
     with torch.inference_mode():
         for _, images, errors in loader:

@@ -4,9 +4,9 @@ A TTA view that helps on one dataset hurts on another (colour jitter hurt while 
 crop helped, on the mask task). :func:`tta_report` measures it honestly on a family's own
 validation data: each fold checkpoint is run over **its own validation rows only** (the ids
 whose OOF fold equals the checkpoint's fold, read from the family's ``oof.npz``, never by
-re-splitting), with every view of the plan, through the engine's pieces (one decode per
-image with a DataLoader, the checkpoint's own normalisation, views stacked in the batch,
-``models.joint_logits`` per view). From the per-view logits it scores, over all OOF rows:
+re-splitting), with every view of the plan, through the engine
+(:func:`~ensembler.infer.engine.checkpoint_view_logits`: one decode per image, the
+checkpoint's own normalisation, views stacked in the batch, joint logits per view). From the per-view logits it scores, over all OOF rows:
 
 - ``no TTA``: the identity view (run even when the plan has no identity view);
 - each view of the plan alone;
@@ -27,7 +27,6 @@ with another merge rule does no forward pass.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -36,14 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from .._io import save_npz_atomic, write_json_atomic
+from ..device import resolve_device
 from ..errors import EnsemblerError, LogitError, RegistryError
+from ..logits import Logits, few, read_logits, write_logits
 from ..metrics import classification_scores
 from ..progress import Ticker
-from .engine import (_make_loader, _resolve_device, _resolve_precision, _views_joint, check_run_args,
-                     load_forward, raise_decode_errors)
+from .engine import check_run_args, checkpoint_view_logits, resolve_precision
 from .store import LogitStore, default_cache_dir
-from .tta import MERGE_RULES, View, check_merge, default_chunk_size, merge_views, parse_tta
+from .tta import MERGE_RULES, View, check_merge, merge_views, parse_tta
 
 __all__ = ["TTAScore", "TTAReport", "tta_report", "oof_tta_filename", "IDENTITY_ROW"]
 
@@ -192,11 +191,6 @@ def oof_tta_filename(family: str, tta: str, merge: str = "mean-logits") -> str:
     return f"{family}_oof_tta_{slug}{tail}.npz"
 
 
-def _few(ids, k: int = 5) -> str:
-    ids = [str(i) for i in ids]
-    return ", ".join(repr(i) for i in ids[:k]) + (f" (+{len(ids) - k} more)" if len(ids) > k else "")
-
-
 # ---------------------------------------------------------------------------- main entry
 def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "mean-logits",
                all_merges: bool = False, backend: str = "torch", batch_size: int = 32, workers: int = 0,
@@ -261,15 +255,85 @@ def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "m
     >>> rep.output.name  # doctest: +SKIP
     'test_resnet-flat_oof_tta_hflip.npz'
     """
-    import torch
-
-    from ..ensemble.members import load_oof
-
     registry, plan, merge = check_run_args(registry, tta, merge, backend, batch_size, workers)
+    by_fold = _fold_checkpoints(registry, family)
+    source = registry.family_dir(family) / "oof.npz"
+    oof = _family_oof(source, family, by_fold)
+    position = _table_positions(table, oof, source, family)
+    for e in by_fold.values():
+        try:
+            plan.check_input(e.pre.input_size)
+        except EnsemblerError as exc:
+            raise type(exc)(f"checkpoint {e.id!r} (input {e.pre.input_size[0]}x{e.pre.input_size[1]}): {exc}") from None
 
-    entries = registry.family(family)  # RegistryError naming an unknown family
+    identity_at = next((i for i, v in enumerate(plan.views) if v == View()), None)
+    dev = resolve_device(device)
+    run = _ViewRun(plan=plan, extra_identity=identity_at is None, backend=backend, batch_size=int(batch_size),
+                   workers=int(workers), device=dev, precision=resolve_precision(amp, dev, backend),
+                   chunk_size=chunk_size, onnx_threads=onnx_threads)
+    store = LogitStore(cache_dir if cache_dir is not None else default_cache_dir(registry.root))
+    t0 = time.perf_counter()
+    view_logits, cached_folds, rows_per_fold = _oof_view_logits(table, position, oof, by_fold, registry, family,
+                                                                store, run, use_cache=use_cache, progress=progress)
+    seconds = time.perf_counter() - t0
+
+    plan_logits = view_logits[:, :len(plan.views)]
+    identity = view_logits[:, -1 if run.extra_identity else identity_at]
+    rules = [merge] + ([r for r in MERGE_RULES if r != merge] if all_merges else [])
+    merged, scores = _score(oof.labels, identity, plan_logits, plan, rules)
+    tol, diff, matches, note = _identity_check(identity, oof.logits, source, backend, run.precision)
+
+    report = TTAReport(
+        family=family, tta=plan.spec, merge=merge, views=[v.name for v in plan.views], scores=scores,
+        ids=oof.ids, labels=oof.labels, folds=oof.folds, view_logits=plan_logits, identity_logits=identity,
+        merged_logits=merged, oof_logits=oof.logits, identity_max_abs_diff=diff, identity_matches=matches,
+        identity_tolerance=tol, identity_note=note, oof_scores=classification_scores(oof.labels, oof.logits),
+        source=source, output=source.parent / oof_tta_filename(family, plan.spec, merge),
+        checkpoints={f: e.id for f, e in by_fold.items()},
+        meta={"backend": backend, "precision": run.precision, "device": str(dev), "cached_folds": cached_folds,
+              "rows_per_fold": rows_per_fold, "seconds": round(seconds, 3),
+              "sha256": {e.id: e.sha256 for e in by_fold.values()}},
+    )
+    label_space = next(iter(by_fold.values())).labels
+    meta = {**report.to_dict(), "producer": family,
+            "logits": f"OOF logits with TTA {plan.spec!r} merged by {merge} (joint logits)"}
+    write_logits(report.output, Logits(oof.ids, merged[merge], label_space=label_space, labels=oof.labels,
+                                       folds=oof.folds, meta=meta, name=family))
+    return report
+
+
+@dataclass(frozen=True)
+class _ViewRun:
+    """How each fold checkpoint is run: the plan (with the identity view appended when it has
+    none, for the no-TTA row) and the engine settings."""
+
+    plan: Any
+    extra_identity: bool
+    backend: str
+    batch_size: int
+    workers: int
+    device: Any
+    precision: str
+    chunk_size: int | None
+    onnx_threads: int | None
+
+    @property
+    def plans(self) -> list:
+        return [self.plan, parse_tta("none")] if self.extra_identity else [self.plan]
+
+    @property
+    def views(self) -> int:
+        return len(self.plan) + int(self.extra_identity)
+
+    @property
+    def cache_tta(self) -> str:
+        return self.plan.spec + ("|identity" if self.extra_identity else "")
+
+
+def _fold_checkpoints(registry, family: str) -> dict[int, Any]:
+    """Fold -> checkpoint entry of a train-folds family (sorted by fold)."""
     by_fold: dict[int, Any] = {}
-    for e in entries:
+    for e in registry.family(family):  # RegistryError naming an unknown family
         if e.fold is None:
             raise RegistryError(f"checkpoint {e.id!r} of family {family!r} has no fold: a TTA report needs the "
                                 f"k fold checkpoints of a train-folds family")
@@ -277,96 +341,90 @@ def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "m
             raise RegistryError(f"family {family!r} has two checkpoints for fold {e.fold}: "
                                 f"{by_fold[e.fold].id!r} and {e.id!r}")
         by_fold[int(e.fold)] = e
+    return dict(sorted(by_fold.items()))
 
-    source = registry.family_dir(family) / "oof.npz"
-    oof = load_oof(source, name=family, kind="family")  # LogitError naming the file
-    oof_ids, oof_folds = oof.ids, oof.folds
-    num_classes = oof.num_classes
-    for e in entries:
-        if e.labels.num_classes != num_classes:
-            raise LogitError(f"OOF file {source} has {num_classes} classes but checkpoint {e.id!r} predicts "
+
+def _family_oof(source: Path, family: str, by_fold: dict[int, Any]) -> Logits:
+    """The family's OOF logits, checked against its checkpoints (classes, folds both ways)."""
+    oof = read_logits(source, require=("labels", "folds"))  # LogitError naming the file
+    for e in by_fold.values():
+        if e.labels.num_classes != oof.num_classes:
+            raise LogitError(f"OOF file {source} has {oof.num_classes} classes but checkpoint {e.id!r} predicts "
                              f"{e.labels.num_classes}: the OOF file is stale; retrain or re-assemble the family")
-    oof_fold_set = sorted(set(oof_folds.tolist()))
-    no_ckpt = [f for f in oof_fold_set if f not in by_fold]
+    oof_folds = sorted(set(oof.folds.tolist()))
+    no_ckpt = [f for f in oof_folds if f not in by_fold]
     if no_ckpt:
         raise LogitError(f"OOF file {source} has rows of fold(s) {no_ckpt} but family {family!r} has no checkpoint "
                          f"for them (its folds: {sorted(by_fold)})")
-    no_rows = [f for f in sorted(by_fold) if f not in oof_fold_set]
+    no_rows = [f for f in by_fold if f not in oof_folds]
     if no_rows:
         raise LogitError(f"family {family!r} has checkpoint(s) for fold(s) {no_rows} but OOF file {source} has no "
                          f"rows of those folds: the OOF file is stale; re-run train-folds to re-assemble it")
+    return oof
 
-    table_ids = np.asarray(table.ids).astype(str)
-    position = {i: n for n, i in enumerate(table_ids)}
-    missing = [i for i in oof_ids if i not in position]
+
+def _table_positions(table, oof: Logits, source: Path, family: str) -> np.ndarray:
+    """Row of each OOF id in ``table`` (LogitError naming the ids the table lacks)."""
+    where = {i: n for n, i in enumerate(np.asarray(table.ids).astype(str).tolist())}
+    missing = [i for i in oof.ids.tolist() if i not in where]
     if missing:
-        raise LogitError(f"{len(missing)} id(s) of OOF file {source} are not in the data ({_few(missing)}): "
+        raise LogitError(f"{len(missing)} id(s) of OOF file {source} are not in the data ({few(missing)}): "
                          f"--data must be the training data family {family!r} was trained on")
-    for e in by_fold.values():
-        try:
-            plan.check_input(e.pre.input_size)
-        except EnsemblerError as exc:
-            raise type(exc)(f"checkpoint {e.id!r} (input {e.pre.input_size[0]}x{e.pre.input_size[1]}): {exc}") from None
+    return np.fromiter((where[i] for i in oof.ids.tolist()), dtype=np.int64, count=len(oof))
 
-    views = plan.views
-    identity_at = next((i for i, v in enumerate(views) if v == View()), None)
-    extra_identity = identity_at is None  # the no-TTA row needs the identity view: run it too
-    run_views = len(views) + int(extra_identity)
-    dev = _resolve_device(device)
-    precision = _resolve_precision(amp, dev, backend)
-    store = LogitStore(cache_dir if cache_dir is not None else default_cache_dir(registry.root))
-    cache_tta = plan.spec + ("|identity" if extra_identity else "")
 
-    view_logits = np.empty((len(oof_ids), run_views, num_classes), dtype=np.float32)
-    cached_folds, rows_per_fold = [], {}
-    t0 = time.perf_counter()
-    todo = []
-    for fold in oof_fold_set:
-        e = by_fold[fold]
-        rows = np.flatnonzero(oof_folds == fold)  # positions in the OOF file
-        sub = table.subset(np.fromiter((position[i] for i in oof_ids[rows]), dtype=np.int64, count=len(rows)))
+def _oof_view_logits(table, position, oof: Logits, by_fold, registry, family: str, store: LogitStore,
+                     run: _ViewRun, *, use_cache: bool, progress: bool):
+    """``(N, V, C)`` per-view logits of every OOF row, each from the checkpoint of its fold
+    (cached per fold), the folds served from the cache, and the rows per fold."""
+    c = oof.num_classes
+    view_logits = np.empty((len(oof), run.views, c), dtype=np.float32)
+    cached_folds, rows_per_fold, todo = [], {}, []
+    for fold, e in by_fold.items():
+        rows = np.flatnonzero(oof.folds == fold)  # positions in the OOF file
+        sub = table.subset(position[rows])
         rows_per_fold[fold] = int(len(rows))
-        key = store.key(producer=e.id, sha256=e.sha256, tta=cache_tta, merge=_CACHE_MERGE,
-                        fingerprint=sub.fingerprint(), backend=backend, precision=precision,
+        key = store.key(producer=e.id, sha256=e.sha256, tta=run.cache_tta, merge=_CACHE_MERGE,
+                        fingerprint=sub.fingerprint(), backend=run.backend, precision=run.precision,
                         extra={"preprocess": e.pre.to_dict(), "head": e.head, "classes": list(e.labels.classes),
-                               "views": run_views})
-        hit = store.load(key, ids=oof_ids[rows]) if use_cache else None
-        if hit is not None and hit[0].shape == (len(rows), run_views * num_classes):
-            view_logits[rows] = hit[0].reshape(len(rows), run_views, num_classes)
+                               "views": run.views})
+        hit = store.load(key, ids=oof.ids[rows]) if use_cache else None
+        if hit is not None and hit[0].shape == (len(rows), run.views * c):
+            view_logits[rows] = hit[0].reshape(len(rows), run.views, c)
             cached_folds.append(fold)
         else:
             todo.append((fold, e, rows, sub, key))
+    if not todo:
+        return view_logits, cached_folds, rows_per_fold
+    with Ticker("tta-report", total=sum(len(t[2]) for t in todo), unit="images", enabled=progress) as tick:
+        advance = tick.advance
+        for fold, e, rows, sub, key in todo:
+            out = checkpoint_view_logits(sub, e, registry, run.plans, backend=run.backend, batch_size=run.batch_size,
+                                         workers=run.workers, device=run.device, precision=run.precision,
+                                         chunk_size=run.chunk_size, onnx_threads=run.onnx_threads, advance=advance)
+            if out.shape != (len(rows), run.views, c):
+                raise LogitError(f"checkpoint {e.id!r} gave per-view logits of shape {out.shape}, expected "
+                                 f"{(len(rows), run.views, c)}")
+            if not np.isfinite(out).all():
+                bad = np.flatnonzero(~np.isfinite(out).all(axis=(1, 2)))
+                raise LogitError(f"checkpoint {e.id!r} produced non-finite logits for id {sub.ids[bad[0]]!r} "
+                                 f"({len(bad)} rows); nothing was written")
+            store.save(key, oof.ids[rows], out.reshape(len(rows), -1),
+                       {"producer": e.id, "family": family, "sha256": e.sha256, "tta": run.cache_tta,
+                        "merge": _CACHE_MERGE, "views": run.views, "backend": run.backend,
+                        "precision": run.precision, "fingerprint": sub.fingerprint(),
+                        "classes": list(e.labels.classes),
+                        "layout": "per-view joint logits (N, V*C), views in plan order"
+                                  + (", identity appended last" if run.extra_identity else "")})
+            view_logits[rows] = out
+    return view_logits, cached_folds, rows_per_fold
 
-    if todo:
-        with Ticker("tta-report", total=sum(len(t[2]) for t in todo), unit="images", enabled=progress) as tick:
-            advance = tick.advance
-            for fold, e, rows, sub, key in todo:
-                out = _fold_views(sub, e, registry, plan, extra_identity, backend=backend,
-                                  batch_size=int(batch_size), workers=int(workers), device=dev,
-                                  precision=precision, chunk_size=chunk_size, onnx_threads=onnx_threads,
-                                  advance=advance)
-                if out.shape != (len(rows), run_views, num_classes):
-                    raise LogitError(f"checkpoint {e.id!r} gave per-view logits of shape {out.shape}, expected "
-                                     f"{(len(rows), run_views, num_classes)}")
-                if not np.isfinite(out).all():
-                    bad = np.flatnonzero(~np.isfinite(out).all(axis=(1, 2)))
-                    raise LogitError(f"checkpoint {e.id!r} produced non-finite logits for id {sub.ids[bad[0]]!r} "
-                                     f"({len(bad)} rows); nothing was written")
-                store.save(key, oof_ids[rows], out.reshape(len(rows), -1),
-                           {"producer": e.id, "family": family, "sha256": e.sha256, "tta": cache_tta,
-                            "merge": _CACHE_MERGE, "views": run_views, "backend": backend, "precision": precision,
-                            "fingerprint": sub.fingerprint(), "classes": list(e.labels.classes),
-                            "layout": "per-view joint logits (N, V*C), views in plan order"
-                                      + (", identity appended last" if extra_identity else "")})
-                view_logits[rows] = out
-    seconds = time.perf_counter() - t0
 
-    labels = oof.labels
-    plan_logits = view_logits[:, :len(views)]
-    identity = view_logits[:, -1 if extra_identity else identity_at]
-    rules = [merge] + ([r for r in MERGE_RULES if r != merge] if all_merges else [])
+def _score(labels, identity, plan_logits, plan, rules) -> tuple[dict[str, np.ndarray], list[TTAScore]]:
+    """Merged logits per rule, and the score rows: no TTA, each view, each merged rule."""
+    import torch
+
     merged = {r: merge_views(torch.from_numpy(plan_logits), r).numpy().astype(np.float32) for r in rules}
-
     base = classification_scores(labels, identity)
 
     def row(name, kind, logits):
@@ -375,67 +433,22 @@ def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "m
                         s["acc"] - base["acc"], s["logloss"] - base["logloss"])
 
     scores = [row(IDENTITY_ROW, "baseline", identity)]
-    scores += [row(v.name, "view", plan_logits[:, j]) for j, v in enumerate(views)]
+    scores += [row(v.name, "view", plan_logits[:, j]) for j, v in enumerate(plan.views)]
     scores += [row(f"merged {r}", "merged", merged[r]) for r in rules]
+    return merged, scores
 
-    # The trainer validated each fold with the same eval transform, so the identity view must
-    # reproduce oof.npz; fp32 differences come from batch composition only (~1e-6).
+
+def _identity_check(identity, oof_logits, source: Path, backend: str, precision: str):
+    """``(tolerance, max abs diff, matches, note)`` of the identity view against the stored OOF logits.
+
+    The trainer validated each fold with the same eval transform, so the identity view must
+    reproduce ``oof.npz``; fp32 differences come from batch composition only (~1e-6).
+    """
     tol = 1e-3 if precision == "fp32" and backend == "torch" else 5e-2
-    diff = float(np.max(np.abs(identity.astype(np.float64) - oof.logits))) if len(identity) else 0.0
-    matches = bool(np.allclose(identity, oof.logits, rtol=tol, atol=tol))
+    diff = float(np.max(np.abs(identity.astype(np.float64) - oof_logits))) if len(identity) else 0.0
+    matches = bool(np.allclose(identity, oof_logits, rtol=tol, atol=tol))
     note = "" if matches else (
         f"the identity view differs from {source} by up to {diff:.3g} (tolerance {tol:g}): the train-time eval "
         f"transform (or weights/precision) differs from the engine's ({backend} {precision}); the 'no TTA' row is "
         f"the engine's, so deltas compare like with like, but oof.npz does not match what predict will compute")
-
-    out_path = source.parent / oof_tta_filename(family, plan.spec, merge)
-    label_space = by_fold[oof_fold_set[0]].labels
-    save_npz_atomic(out_path, ids=oof_ids.astype(str), logits=merged[merge], labels=labels.astype(np.int64),
-                    folds=oof_folds.astype(np.int64), label_space=np.asarray(json.dumps(label_space.to_dict())))
-
-    report = TTAReport(
-        family=family, tta=plan.spec, merge=merge, views=[v.name for v in views], scores=scores,
-        ids=oof_ids, labels=labels, folds=oof_folds, view_logits=plan_logits, identity_logits=identity,
-        merged_logits=merged, oof_logits=oof.logits, identity_max_abs_diff=diff, identity_matches=matches,
-        identity_tolerance=tol, identity_note=note, oof_scores=classification_scores(labels, oof.logits),
-        source=source, output=out_path, checkpoints={f: by_fold[f].id for f in oof_fold_set},
-        meta={"backend": backend, "precision": precision, "device": str(dev), "cached_folds": cached_folds,
-              "rows_per_fold": rows_per_fold, "seconds": round(seconds, 3),
-              "sha256": {by_fold[f].id: by_fold[f].sha256 for f in oof_fold_set}},
-    )
-    sidecar = report.to_dict()
-    sidecar.update({"producer": family, "label_space": label_space.to_dict(),
-                    "logits": f"OOF logits with TTA {plan.spec!r} merged by {merge} (joint logits)"})
-    write_json_atomic(out_path.with_suffix(".json"), sidecar)
-    return report
-
-
-def _fold_views(sub, entry, registry, plan, extra_identity: bool, *, backend, batch_size, workers, device,
-                precision, chunk_size, onnx_threads, advance) -> np.ndarray:
-    """Per-view joint logits ``(n, V[+1], C)`` of one checkpoint over its validation rows ``sub``.
-
-    The engine's pieces: one decode per image (DataLoader over the checkpoint's geometry), the
-    checkpoint's normalisation on the device, views stacked in the batch, joint logits per view.
-    With ``extra_identity`` the identity view is run too and appended last.
-    """
-    import torch
-
-    fwd = load_forward(registry, entry, backend=backend, device=device, precision=precision,
-                       onnx_threads=onnx_threads)
-    resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
-    identity_plan = parse_tta("none")
-    loader = _make_loader(list(sub.paths), entry.pre, batch_size, workers, pin=device.type == "cuda")
-    if chunk_size is None:
-        chunk_size = default_chunk_size(device)
-    outs, chunk, chunk_id = [], chunk_size, chunk_size
-    with torch.inference_mode():
-        for _, images, errors in loader:
-            raise_decode_errors(errors)
-            x = entry.pre.normalize(images.to(device, non_blocking=True))
-            joint, chunk = _views_joint(fwd, x, plan, entry, entry.labels, resize_to, chunk)
-            if extra_identity:
-                ident, chunk_id = _views_joint(fwd, x, identity_plan, entry, entry.labels, resize_to, chunk_id)
-                joint = torch.cat([joint, ident], dim=1)
-            outs.append(joint.float().cpu().numpy())
-            advance(len(images))
-    return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+    return tol, diff, matches, note

@@ -1,13 +1,11 @@
 """LogitStore: cached per-checkpoint logits, so any re-vote or re-tune runs no forward pass.
 
-Each cached result is two files in the cache folder, written atomically (temp file, fsync,
-rename; the ``.npz`` first, the ``.json`` last, and a result counts only when both load and
-agree):
-
-- ``<key>.npz`` with ``ids`` (str, N) and ``logits`` (float32, N x C): joint logits of one
-  checkpoint over a SampleTable, in the table's row order;
-- ``<key>.json`` with the metadata: producer (checkpoint id), weights sha256, TTA plan,
-  merge rule, backend, precision, data fingerprint, class names, created time.
+Each cached result is one logits file of :mod:`ensembler.logits` in the cache folder:
+``<key>.npz`` (``ids`` (str, N), ``logits`` (float32, N x C): joint logits of one checkpoint
+over a SampleTable, in the table's row order) and its sidecar ``<key>.json`` holding the
+metadata: producer (checkpoint id), weights sha256, TTA plan, merge rule, backend,
+precision, data fingerprint, class names, created time. Both are written atomically, the
+npz first and the sidecar last; a result counts only when both load and agree.
 
 ``<key>`` is ``<checkpoint id>-<hash>``, the hash being sha256 over weights sha256 x TTA
 plan x merge x data fingerprint x backend x precision x preprocessing/head. Backend and
@@ -19,7 +17,7 @@ variable is set, else ``<registry root>/../.ensembler_cache/logits`` (next to th
 ``checkpoints/`` folder, so the cache travels with the registry it belongs to).
 
 A cache file that cannot be read, or whose ids do not match the table, is ignored with a
-:class:`CacheWarning` and recomputed.
+:class:`CacheWarning` and recomputed. Cache files written by ensembler 0.1.0 are read too.
 """
 
 from __future__ import annotations
@@ -28,54 +26,23 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .._io import save_npz_atomic, sha256_bytes, write_json_atomic
+from .._io import sha256_bytes
 from ..errors import LogitError
-from ..labels import LabelSpace
+from ..logits import Logits, read_logits, sidecar_path, write_logits
 
-__all__ = ["CacheWarning", "LogitStore", "MemberLogits", "default_cache_dir", "save_member_logits",
-           "load_member_logits"]
+__all__ = ["CacheWarning", "LogitStore", "default_cache_dir"]
 
 CACHE_VERSION = 1
 
 
 class CacheWarning(UserWarning):
     """A cached logits file was unreadable or stale and is being recomputed."""
-
-
-@dataclass
-class MemberLogits:
-    """Logits of one ensemble member (a checkpoint, or a family = mean over its folds).
-
-    Attributes
-    ----------
-    name : str
-        Family name or checkpoint id.
-    ids : np.ndarray
-        Sample ids (str), in the SampleTable's row order.
-    logits : np.ndarray
-        float32 (N, C) joint logits (raw logits for flat heads, joint log-probs for factored).
-    label_space : LabelSpace
-    meta : dict
-        ``checkpoints``, ``sha256``, ``tta``, ``merge``, ``backend``, ``precision``,
-        ``fingerprint``, ``cached`` (True when no forward pass ran), ``cache_files``.
-    """
-
-    name: str
-    ids: np.ndarray
-    logits: np.ndarray
-    label_space: LabelSpace
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.logits.shape[1])
 
 
 def default_cache_dir(registry_root: str | os.PathLike | None = None) -> Path:
@@ -128,7 +95,8 @@ class LogitStore:
         return f"{_safe_name(producer)}-{digest}"
 
     def paths(self, key: str) -> tuple[Path, Path]:
-        return self.root / f"{key}.npz", self.root / f"{key}.json"
+        npz = self.root / f"{key}.npz"
+        return npz, sidecar_path(npz)
 
     def exists(self, key: str) -> bool:
         return all(p.exists() for p in self.paths(key))
@@ -141,13 +109,11 @@ class LogitStore:
             raise LogitError(f"cache {key}: logits of shape {logits.shape} do not match {len(ids)} ids")
         if not np.isfinite(logits).all():
             raise LogitError(f"cache {key}: refusing to cache non-finite logits from {meta.get('producer', key)}")
-        npz, js = self.paths(key)
-        save_npz_atomic(npz, ids=ids, logits=logits)
         full = {"key": key, "version": CACHE_VERSION, **dict(meta), "num_samples": int(len(ids)),
                 "num_classes": int(logits.shape[1]),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_json_atomic(js, full)
-        return npz
+        npz, _ = self.paths(key)
+        return write_logits(npz, Logits(ids, logits, meta=full, name=str(meta.get("producer", key))))
 
     def load(self, key: str, ids=None) -> tuple[np.ndarray, dict] | None:
         """Cached ``(logits, meta)`` for ``key``, or None when absent, unreadable or stale.
@@ -159,73 +125,30 @@ class LogitStore:
         if not npz.exists() and not js.exists():
             return None
         try:
-            meta = json.loads(js.read_text())
-            if meta.get("key") != key:
-                raise ValueError(f"metadata names key {meta.get('key')!r}")
-            with np.load(npz, allow_pickle=False) as data:
-                cached_ids = data["ids"].astype(str)
-                logits = data["logits"].astype(np.float32, copy=False)
-            if logits.ndim != 2 or logits.shape[0] != len(cached_ids):
-                raise ValueError(f"logits of shape {logits.shape} for {len(cached_ids)} ids")
-            if not np.isfinite(logits).all():
-                raise ValueError("non-finite logits")
-        except Exception as exc:  # noqa: BLE001 - any unreadable cache entry is recomputed
+            if not js.exists():
+                raise ValueError(f"its metadata {js.name} is missing")
+            cached = read_logits(npz)
+            if cached.meta.get("key") != key:
+                raise ValueError(f"metadata names key {cached.meta.get('key')!r}")
+        except (LogitError, ValueError) as exc:
             warnings.warn(f"ignoring unreadable cached logits {npz} ({type(exc).__name__}: {exc}); recomputing",
                           CacheWarning, stacklevel=2)
             return None
-        if ids is not None and not np.array_equal(cached_ids, np.asarray(ids).astype(str)):
+        if ids is not None and not np.array_equal(cached.ids, np.asarray(ids).astype(str)):
             warnings.warn(f"ignoring cached logits {npz}: its ids do not match the data; recomputing",
                           CacheWarning, stacklevel=2)
             return None
-        return logits, meta
+        meta = {k: v for k, v in cached.meta.items() if k != "source"}
+        return cached.logits, meta
 
     def entries(self) -> list[dict]:
         """Metadata of every readable cached result."""
         out = []
-        for js in sorted(self.root.glob("*.json")):
+        for npz in sorted(self.root.glob("*.npz")):
             try:
-                out.append(json.loads(js.read_text()))
-            except (OSError, ValueError):
+                meta = read_logits(npz).meta
+            except LogitError:
                 continue
+            if "key" in meta:
+                out.append({k: v for k, v in meta.items() if k != "source"})
         return out
-
-
-# ---------------------------------------------------------------------------- member logits files
-def save_member_logits(path: str | os.PathLike, members: Mapping[str, MemberLogits]) -> Path:
-    """Write member logits to one ``.npz`` (+ ``.json`` sidecar) for later voting.
-
-    The npz holds ``ids`` (str, N; every member must share them), ``members`` (str, M) and one
-    ``logits/<name>`` float32 (N, C_m) array per member. ``<path>.json`` holds each member's
-    label space and metadata. Both are written atomically.
-    """
-    path = Path(path)
-    if not members:
-        raise LogitError("no member logits to write")
-    names = list(members)
-    ids = np.asarray(members[names[0]].ids).astype(str)
-    arrays = {"ids": ids, "members": np.asarray(names).astype(str)}
-    for name in names:
-        m = members[name]
-        if not np.array_equal(np.asarray(m.ids).astype(str), ids):
-            raise LogitError(f"member {name!r} has ids that differ from member {names[0]!r}")
-        arrays[f"logits/{name}"] = np.asarray(m.logits, dtype=np.float32)
-    save_npz_atomic(path, **arrays)
-    sidecar = {name: {"label_space": members[name].label_space.to_dict(), "meta": members[name].meta}
-               for name in names}
-    write_json_atomic(path.with_name(path.name + ".json"), {"members": sidecar})
-    return path
-
-
-def load_member_logits(path: str | os.PathLike) -> dict[str, MemberLogits]:
-    """Read what :func:`save_member_logits` wrote."""
-    path = Path(path)
-    try:
-        side = json.loads(path.with_name(path.name + ".json").read_text())["members"]
-        with np.load(path, allow_pickle=False) as data:
-            ids = data["ids"].astype(str)
-            names = [str(n) for n in data["members"]]
-            logits = {n: data[f"logits/{n}"].astype(np.float32) for n in names}
-    except (OSError, KeyError, ValueError) as exc:
-        raise LogitError(f"cannot read member logits {path}: {exc}") from None
-    return {n: MemberLogits(n, ids, logits[n], LabelSpace.from_dict(side[n]["label_space"]), side[n]["meta"])
-            for n in names}

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import save_npz_atomic, write_json_atomic
+from .._io import write_json_atomic
 from ..errors import DataError, EnsemblerError
 from ..labels import LabelSpace
+from ..logits import Logits, write_logits
 from ..preprocess import Preprocess
 from .config import TrainConfig
 from .datasets import ImageDataset, make_loader, resolve_augment, train_transform
@@ -183,9 +184,12 @@ class FoldRunner:
 
         # Order matters for crash safety: logits first, then the registry entry (what marks
         # the fold finished), then the history, then the resume state goes.
-        save_npz_atomic(fold_dir / "val_logits.npz", ids=self.split.ids[val_idx].astype(str),
-                        logits=outcome.best_val_logits.astype(np.float32), labels=self.targets[val_idx],
-                        best_epoch=np.int64(outcome.best_epoch))
+        write_logits(fold_dir / "val_logits.npz", Logits(
+            self.split.ids[val_idx], outcome.best_val_logits, label_space=self.label_space,
+            labels=self.targets[val_idx], name=f"{self.family}-fold{fold}",
+            meta={"producer": f"{self.family}-fold{fold}", "family": self.family, "fold": int(fold),
+                  "best_epoch": int(outcome.best_epoch),
+                  "logits": "joint logits of the fold's validation rows at its best epoch"}))
         metrics = {"val_f1": best.val_f1, "val_acc": best.val_acc, "val_loss": best.val_loss,
                    "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
                    "monitor": cfg.monitor, "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx))}

@@ -4,10 +4,12 @@ Files of a family ``F`` under the registry root::
 
     F/run.json                 the TrainConfig, split facts and data fingerprint (checked by resume)
     F/fold<k>/state.pt         resume state while fold k trains (see ensembler.train.state)
-    F/fold<k>/val_logits.npz   ids, logits (joint), labels of fold k's validation rows, best epoch
+    F/fold<k>/val_logits.npz   ids, logits (joint), labels of fold k's validation rows (+ .json:
+                               label space, best epoch); an ensembler.logits file
     F/fold<k>/history.json     per-epoch metrics of fold k
     F/fold<k>/weights.safetensors   (written by Registry.add)
-    F/oof.npz, F/oof.json      out-of-fold logits of the family + metadata
+    F/oof.npz, F/oof.json      out-of-fold logits of the family + its sidecar (label space,
+                               complete, folds, rows, macro-F1); an ensembler.logits file
     F/metrics.csv, F/learning_curves.png
 
 A fold is *finished* when its checkpoint is registered and its ``val_logits.npz`` exists;
@@ -24,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .._io import save_npz_atomic, sha256_bytes, write_json_atomic
+from .._io import sha256_bytes, write_json_atomic
 from ..errors import DataError, EnsemblerError, LogitError
 from ..labels import LabelSpace
+from ..logits import Logits, read_logits, write_logits
 from ..metrics import accuracy, macro_f1
 from .config import RESUME_FREE_KEYS, TrainConfig
 from .curves import plot_learning_curves, write_metrics_csv
@@ -344,19 +347,19 @@ def assemble_oof(split, targets: np.ndarray, label_space: LabelSpace, fam_dir: P
 
     Checks that each fold's logits cover exactly that fold's validation ids, and that every
     id appears once. With all ``k`` folds present the OOF covers every training row; with
-    fewer it is written for the covered rows and marked partial in ``oof.json``.
+    fewer it is written for the covered rows and marked partial (``meta["complete"]``, in
+    ``oof.json``). Both files are :mod:`ensembler.logits` files.
 
     Returns a dict with ``f1``, ``acc``, ``rows``, ``complete``, ``folds``.
     """
     ids_all = split.ids
     folds_all = split.folds
     position = {i: n for n, i in enumerate(ids_all)}
-    done: dict[int, dict] = {}
+    done: dict[int, Logits] = {}
     for fold, d in sorted(_fold_dirs(fam_dir).items()):
         f = d / "val_logits.npz"
         if f.is_file():
-            with np.load(f, allow_pickle=False) as z:
-                done[fold] = {key: z[key] for key in z.files}
+            done[fold] = read_logits(f)  # LogitError naming the file
     if not done:
         raise EnsemblerError(f"no finished fold in {fam_dir}: nothing to assemble into OOF logits")
     num_classes = label_space.num_classes
@@ -364,18 +367,16 @@ def assemble_oof(split, targets: np.ndarray, label_space: LabelSpace, fam_dir: P
     seen = np.zeros(len(ids_all), dtype=np.int64)
     for fold, z in done.items():
         expected = set(ids_all[folds_all == fold].tolist())
-        got = z["ids"].astype(str)
+        got = z.ids
         if set(got.tolist()) != expected or len(got) != len(expected):
             raise LogitError(
                 f"{fam_dir / f'fold{fold}' / 'val_logits.npz'} does not hold exactly fold {fold}'s validation ids "
                 f"({len(got)} ids vs {len(expected)} expected): the data or split changed; retrain that fold"
             )
-        if z["logits"].shape != (len(got), num_classes):
-            raise LogitError(f"fold {fold} logits have shape {z['logits'].shape}, expected ({len(got)}, {num_classes})")
-        if not np.isfinite(z["logits"]).all():
-            raise LogitError(f"fold {fold} validation logits contain NaN/inf ({fam_dir / f'fold{fold}'})")
+        if z.logits.shape != (len(got), num_classes):
+            raise LogitError(f"fold {fold} logits have shape {z.logits.shape}, expected ({len(got)}, {num_classes})")
         pos = np.fromiter((position[i] for i in got), dtype=np.int64, count=len(got))
-        logits[pos] = z["logits"]
+        logits[pos] = z.logits
         seen[pos] += 1
     if (seen > 1).any():
         raise LogitError(f"id {ids_all[int(np.argmax(seen > 1))]!r} appears in two folds' validation logits")
@@ -387,11 +388,10 @@ def assemble_oof(split, targets: np.ndarray, label_space: LabelSpace, fam_dir: P
     out_folds = folds_all[covered].astype(np.int64)
     if complete and not (len(ids) == len(ids_all) and len(set(ids.tolist())) == len(ids_all)):
         raise LogitError("OOF check failed: not every training id is covered exactly once")
-    save_npz_atomic(fam_dir / "oof.npz", ids=ids.astype(str), logits=out_logits, labels=labels, folds=out_folds)
     pred = out_logits.argmax(1)
     f1 = macro_f1(labels, pred, num_classes)
     acc = accuracy(labels, pred)
-    write_json_atomic(fam_dir / "oof.json", {
+    meta = {
         "producer": family or fam_dir.name,
         "complete": complete,
         "folds": sorted(done),
@@ -399,9 +399,10 @@ def assemble_oof(split, targets: np.ndarray, label_space: LabelSpace, fam_dir: P
         "rows": int(covered.sum()),
         "total_rows": len(ids_all),
         "num_classes": num_classes,
-        "label_space": label_space.to_dict(),
         "logits": "joint logits (raw for flat heads, joint log-probs for factored heads)",
         "macro_f1": f1,
         "accuracy": acc,
-    })
+    }
+    write_logits(fam_dir / "oof.npz", Logits(ids, out_logits, label_space=label_space, labels=labels, folds=out_folds,
+                                            meta=meta, name=family or fam_dir.name))
     return {"f1": f1, "acc": acc, "rows": int(covered.sum()), "complete": complete, "folds": sorted(done)}
