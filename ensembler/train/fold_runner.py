@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .._io import write_json_atomic
+from ..device import resolve_device
 from ..errors import DataError, EnsemblerError
 from ..labels import LabelSpace
 from ..logits import Logits, write_logits
@@ -25,19 +26,6 @@ from .loop import Callbacks, LoopSettings, run_fold
 from .losses import TrainLoss
 from .optim import build_optimizer, build_scheduler
 from .state import STATE_NAME, seed_everything
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU; an unavailable CUDA device is an error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise EnsemblerError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EnsemblerError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
 
 
 def resolve_amp(amp: bool, device: torch.device) -> tuple[torch.dtype | None, bool, str | None]:
