@@ -34,7 +34,7 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"ensembler.data", "ensembler.data.decode"}),
     frozenset({"ensembler.train.fold_runner", "ensembler.train.folds"}),
 }
-KNOWN_LONG_FILES: set[str] = {"ensembler/ensemble/tuning.py", "ensembler/infer/tta.py"}
+KNOWN_LONG_FILES: set[str] = {"ensembler/infer/tta.py"}
 
 
 @lru_cache(maxsize=1)
