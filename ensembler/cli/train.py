@@ -7,6 +7,11 @@ import argparse
 from ._common import add_data_args, add_registry_arg, console, err_console, parse_int_list, printed_warnings
 
 _EPILOG = """\
+defaults by regime (measured on real face photos, benchmarks/bench_quality.py):
+  fine-tune (--pretrained, the default):  --lr 3e-4, --augment standard, --crop timm
+  from scratch (--no-pretrained):         --lr 1e-3, --augment flip,     --crop full
+  an explicit flag always wins; the run header says which values came from the regime.
+
 examples:
   ensembler train-folds --data digits --arch resnet18 --no-pretrained --img-size 32 --epochs 8
   ensembler train-folds --data /data/mask/train --arch efficientnet_b3 --k 5 --loss mix --loss-weights ce=0.3,f1=0.7
@@ -57,22 +62,28 @@ def register(sub) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="epochs per fold (default 10)")
     g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default by regime: 3e-4 fine-tuning pretrained weights, 1e-3 from scratch)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (default 0.01)")
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw", help="default adamw")
     g.add_argument("--scheduler", choices=("cosine", "cosine-restarts", "step", "none"), default="cosine",
                    help="LR schedule after warm-up, stepped per batch (default cosine)")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs (default 1)")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warm-up epochs, capped at a quarter of the run (default 1)")
     g.add_argument("--loss", choices=("ce", "focal", "label-smoothing", "f1", "mix"), default="ce",
                    help="ce, focal, label-smoothing, f1 (soft macro-F1) or mix (default ce)")
     g.add_argument("--loss-weights", default=None, metavar="ce=0.3,f1=0.7", help="weights of --loss mix")
     g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")
     g.add_argument("--augment", nargs="?", const="standard", default="auto",
-                   choices=("auto", "standard", "light", "none"),
-                   help="train-time augmentation: standard (crop+flip+colour, photos/faces), light "
-                   "(small crop+rotation, no flip: digits/text), none; auto = light for digits, else "
-                   "standard (default auto; bare --augment = standard)")
+                   choices=("auto", "standard", "light", "flip", "none"),
+                   help="train-time augmentation: standard (random-resized crop+flip+colour), light "
+                   "(small crop+rotation, no flip: digits/text), flip (eval geometry + flip), none; auto = light "
+                   "for digits, else by regime: standard fine-tuning, flip from scratch (default auto; "
+                   "bare --augment = standard)")
+    g.add_argument("--crop", choices=("timm", "full"), default=None,
+                   help="eval geometry stored with each checkpoint: timm (the arch's centre crop) or full (the whole "
+                        "image resized, nothing cut) (default by regime: timm fine-tuning, full from scratch)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="= --augment none")
     g.add_argument("--monitor", choices=("f1", "acc", "loss"), default="f1",
                    help="validation metric that picks the best epoch (default f1 = macro-F1)")
@@ -103,7 +114,7 @@ def config_from_args(args):
         seed=args.seed, workers=args.workers, pretrained=args.pretrained or args.pretrained_path is not None,
         pretrained_path=args.pretrained_path, monitor=args.monitor,
         patience=None if args.patience == 0 else args.patience, device=args.device, target=args.target,
-        deterministic=args.deterministic, channels_last=args.channels_last,
+        deterministic=args.deterministic, channels_last=args.channels_last, crop=args.crop,
     )
 
 

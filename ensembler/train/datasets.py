@@ -16,13 +16,19 @@ import torch
 from ..errors import EnsemblerError
 from ..preprocess import Preprocess
 
-AUGMENT_LEVELS = ("standard", "light", "none")
+AUGMENT_LEVELS = ("standard", "light", "flip", "none")
 
 
-def resolve_augment(augment: str, source_kind: str | None) -> str:
-    """``auto`` -> ``light`` for digits (flips change a digit's meaning), else ``standard``."""
+def resolve_augment(augment: str, source_kind: str | None, regime: str = "fine-tune") -> str:
+    """``auto`` -> ``light`` for digits (flips change a digit's meaning), else by regime:
+    ``standard`` when fine-tuning pretrained weights, ``flip`` from scratch (see
+    :data:`ensembler.train.config.REGIME_DEFAULTS` for the measurements)."""
     if augment == "auto":
-        return "light" if source_kind == "digits" else "standard"
+        if source_kind == "digits":
+            return "light"
+        from .config import REGIME_DEFAULTS
+
+        return REGIME_DEFAULTS[regime]["augment"]
     if augment not in AUGMENT_LEVELS:
         raise EnsemblerError(f"--augment must be one of auto, {', '.join(AUGMENT_LEVELS)}; got {augment!r}")
     return augment
@@ -34,13 +40,17 @@ def train_transform(pre: Preprocess, augment: str):
     ``standard`` (photos, faces): RandomResizedCrop(scale 0.35-1, ratio 3/4-4/3), horizontal
     flip, colour jitter 0.2. ``light`` (digits, text, anything where a mirror image is another
     class): RandomResizedCrop(scale 0.7-1, ratio 0.9-1.1) and rotation up to 10 degrees, no
-    flip. ``none``: the eval transform (resize + centre crop). Random draws use torch's RNG,
+    flip. ``flip``: the eval transform and a random horizontal flip (short from-scratch runs,
+    where heavier augmentation leaves the network under-fitted). ``none``: the eval transform
+    (resize + centre crop). Random draws use torch's RNG,
     so seeding torch (and the loader's generator) makes augmentation reproducible.
     """
     from torchvision.transforms import v2 as T
 
     if augment == "none":
         return pre.geometry_transform()
+    if augment == "flip":
+        return T.Compose([pre.geometry_transform(), T.RandomHorizontalFlip()])
     interp = getattr(T.InterpolationMode, pre.interpolation.upper())
     if augment == "standard":
         ops = [

@@ -28,6 +28,14 @@ from .optim import build_optimizer, build_scheduler
 from .state import STATE_NAME, seed_everything
 
 
+def train_preprocess(config: TrainConfig) -> Preprocess:
+    """The checkpoint's Preprocess: the architecture's, at ``img_size``, with ``config.crop``
+    (``full``: the whole image resized to the input size, nothing cut)."""
+    if config.crop == "full":
+        return Preprocess.from_timm(config.arch, config.img_size, crop_pct=1.0, crop_mode="squash")
+    return Preprocess.from_timm(config.arch, config.img_size)
+
+
 def resolve_amp(amp: bool, device: torch.device) -> tuple[torch.dtype | None, bool, str | None]:
     """(autocast dtype, use GradScaler, note). bf16 where the GPU supports it, else fp16 + scaler."""
     if not amp:
@@ -57,8 +65,8 @@ class FoldRunner:
         self.amp_dtype, use_scaler, amp_note = resolve_amp(config.amp, self.device)
         self.use_scaler = use_scaler
         self.notes: list[str] = [amp_note] if amp_note else []
-        self.preprocess = Preprocess.from_timm(config.arch, config.img_size)
-        self.augment = resolve_augment(config.augment, split.source.get("kind"))
+        self.preprocess = train_preprocess(config)
+        self.augment = resolve_augment(config.augment, split.source.get("kind"), config.regime)
         if self.device.type == "cuda" and config.deterministic:
             # cuBLAS needs this to be deterministic; set only for this process, only when asked.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

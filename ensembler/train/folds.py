@@ -204,6 +204,7 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
     >>> result.oof_f1  # doctest: +SKIP
     """
     import torch
+    from rich.markup import escape
 
     from ..data import split_folds
 
@@ -238,6 +239,7 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
             torch.backends.cudnn.benchmark = False
         if reporter is not None:
             reporter.__enter__()
+            reporter.note(f"[bold]train-folds {family}[/]: {escape(config.describe(runner.augment))}")
             for note in runner.notes:
                 reporter.note(f"[yellow]note:[/] {note}")
         callbacks = _CurvesEveryEpoch(fam_dir, config, reporter)
