@@ -22,7 +22,7 @@ from ensembler.train.fold_runner import train_preprocess
 def test_regime_defaults_fill_only_what_was_not_given():
     scratch = TrainConfig(arch="resnet18", pretrained=False)
     assert scratch.regime == "from-scratch"
-    assert (scratch.lr, scratch.warmup_epochs, scratch.crop) == (1e-3, 1.0, "full")
+    assert (scratch.lr, scratch.warmup_epochs, scratch.crop) == (3e-3, 0.3, "full")
     assert scratch.defaulted == ["crop", "lr", "warmup_epochs"]
     tuned = TrainConfig(arch="resnet18")
     assert tuned.regime == "fine-tune" and (tuned.lr, tuned.crop) == (3e-4, "timm")
@@ -74,8 +74,8 @@ def test_checkpoint_carries_the_crop_and_the_header_names_the_regime(tmp_path, c
     result = train_folds(table, cfg, Registry(tmp_path / "reg"), console=con)
     entry = Registry(tmp_path / "reg").family(result.family)[0]
     assert entry.preprocess["crop_pct"] == 1.0 and entry.preprocess["crop_mode"] == "squash"
-    assert entry.train_config["lr"] == 1e-3 and entry.train_config["defaulted"] == ["crop", "lr", "warmup_epochs"]
+    assert entry.train_config["lr"] == 3e-3 and entry.train_config["defaulted"] == ["crop", "lr", "warmup_epochs"]
     text = con.export_text()
-    assert "from-scratch (no pretrained weights)" in text and "adamw lr 0.001" in text
+    assert "from-scratch (no pretrained weights)" in text and "adamw lr 0.003" in text
     assert "augment light" in text  # digits: never flipped
     assert "crop, lr, warmup_epochs, augment from the from-scratch defaults" in text

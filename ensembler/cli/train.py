@@ -8,8 +8,8 @@ from ._common import add_data_args, add_registry_arg, console, err_console, pars
 
 _EPILOG = """\
 defaults by regime (measured on real face photos, benchmarks/bench_quality.py):
-  fine-tune (--pretrained, the default):  --lr 3e-4, --augment standard, --crop timm
-  from scratch (--no-pretrained):         --lr 1e-3, --augment flip,     --crop full
+  fine-tune (--pretrained, the default):  --lr 3e-4, --warmup-epochs 1, --augment standard, --crop timm
+  from scratch (--no-pretrained):         --lr 3e-3, --warmup-epochs 0.3, --augment flip, --crop full
   an explicit flag always wins; the run header says which values came from the regime.
 
 examples:
@@ -63,13 +63,13 @@ def register(sub) -> None:
     g.add_argument("--epochs", type=int, default=10, help="epochs per fold (default 10)")
     g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default by regime: 3e-4 fine-tuning pretrained weights, 1e-3 from scratch)")
+                   help="peak learning rate (default by regime: 3e-4 fine-tuning pretrained weights, 3e-3 from scratch)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (default 0.01)")
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw", help="default adamw")
     g.add_argument("--scheduler", choices=("cosine", "cosine-restarts", "step", "none"), default="cosine",
                    help="LR schedule after warm-up, stepped per batch (default cosine)")
     g.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warm-up epochs, capped at a quarter of the run (default 1)")
+                   help="linear warm-up epochs, capped at a quarter of the run (default by regime: 1 fine-tuning, 0.3 from scratch)")
     g.add_argument("--loss", choices=("ce", "focal", "label-smoothing", "f1", "mix"), default="ce",
                    help="ce, focal, label-smoothing, f1 (soft macro-F1) or mix (default ce)")
     g.add_argument("--loss-weights", default=None, metavar="ce=0.3,f1=0.7", help="weights of --loss mix")
