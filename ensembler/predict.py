@@ -270,8 +270,6 @@ def _check_recipe_against_registry(recipe, resolved: Mapping[str, list]) -> None
             raise EnsemblerError(
                 f"recipe member {m.name!r} was tuned from a raw OOF file; predict runs registry members, so "
                 "register that model (or tune on registry families) first")
-        if not m.sha256:
-            continue
         have = sorted(e.sha256 for a in (m.parts or (m.name,)) for e in resolved[a])
         if sorted(m.sha256) != have:
             raise EnsemblerError(

@@ -176,7 +176,8 @@ def test_recipe_tuned_on_other_weights_is_refused(setup, tmp_path):
     with pytest.raises(EnsemblerError, match="recipe member 'res'.*sha256.*re-run tune-weights"):
         predict(table, reg, recipe=bad, cache_dir=cache, progress=False, out=subs / "x.csv")
     assert not subs.exists()
-    wrong_classes = Recipe(members=(RecipeMember("res", "family", ("a", "b", "c")),), vote="soft")
+    shas = tuple(e.sha256 for e in reg.family("res"))
+    wrong_classes = Recipe(members=(RecipeMember("res", "family", ("a", "b", "c"), sha256=shas),), vote="soft")
     with pytest.raises(LogitError, match="recipe expects classes"):
         predict(table, reg, recipe=wrong_classes, cache_dir=cache, progress=False, out=subs / "x.csv")
     assert not subs.exists()

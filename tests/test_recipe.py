@@ -88,7 +88,7 @@ def test_apply_errors_name_the_member():
 
 
 def test_zero_weight_members_are_not_needed():
-    members = (RecipeMember("a", "family", ("x", "y"), weight=1.0), RecipeMember("b", "family", ("x", "y"), weight=0.0))
+    members = (RecipeMember("a", "file", ("x", "y"), weight=1.0), RecipeMember("b", "file", ("x", "y"), weight=0.0))
     r = Recipe(members=members)
     assert [m.name for m in r.active_members] == ["a"]
     pred, _ = r.apply({"a": np.array([[0.0, 1.0]])})

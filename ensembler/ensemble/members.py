@@ -139,8 +139,29 @@ def align_members(members: Sequence[Member]) -> list[Member]:
                 f"OOF file {m.source} (member {m.name!r}): labels disagree with {ref.name!r} "
                 f"({ref.source}) on {int(bad.sum())} id(s), e.g. {few(ref.ids[bad])}"
             )
+        check_same_folds(ref, m)
         out.append(m)
     return out
+
+
+def check_same_folds(ref: Member, m: Member) -> None:
+    """Members aligned by id must put every id in the same OOF fold: a model scored on a row it
+    trained on, or a fold only one member has, makes every honest (per-fold) score a lie.
+
+    Raises
+    ------
+    LogitError
+        Naming both files, the first id whose fold differs and both folds.
+    """
+    if ref.folds is None or m.folds is None or np.array_equal(ref.folds, m.folds):
+        return
+    bad = np.flatnonzero(ref.folds != m.folds)
+    i = int(bad[0])
+    raise LogitError(
+        f"OOF file {m.source} (member {m.name!r}): folds disagree with {ref.name!r} ({ref.source}) on "
+        f"{len(bad)} id(s); the first is {str(ref.ids[i])!r}: fold {int(m.folds[i])} in {m.name!r}, fold "
+        f"{int(ref.folds[i])} in {ref.name!r}. Members must be trained on the same split (the same "
+        f"--k and --seed, or one folds.csv)")
 
 
 def check_label_spaces(members: Sequence[Member]) -> None:
@@ -204,6 +225,8 @@ def compose_members(parts: Sequence[Member], name: str | None = None) -> Member:
     ordered = [by_factor[f] for f in names]
     aligned = [ordered[0]] + [_reorder_to(ordered[0], p) for p in ordered[1:]]
     ref = ordered[0]
+    for p in aligned[1:]:
+        check_same_folds(ref, p)
     joint = joint_from_factor_logprobs([log_softmax(p.logits) for p in aligned])
     labels = None
     if all(p.labels is not None for p in aligned):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,13 @@ from .members import MEMBER_KINDS
 from .voting import VOTE_RULES, vote
 
 RECIPE_VERSION = 1
+# Temperatures a recipe may hold: the tuner searches (0.05, 20); outside this range a
+# temperature is a typo or an attack (1e-300 turns every logit into +-inf).
+TEMPERATURE_RANGE = (1e-3, 1e3)
+# Members whose logits come from registry weights: their sha256 is what predict checks (a
+# composed member records its parts'; composed from raw OOF files it has none, and predict
+# refuses it).
+_WEIGHTS_KINDS = ("family", "checkpoint")
 
 
 class RecipeError(EnsemblerError, ValueError):
@@ -241,10 +249,22 @@ class Recipe:
         weights = None if self.vote in ("soft",) else [m.weight for m in active]
         res = vote(zs, self.vote, weights=weights, names=[m.name for m in active])
         if self.class_biases is None:
-            return res.pred, res.probs
+            return res.pred, _checked_probs(res.probs, self)
         with np.errstate(divide="ignore"):
             logp = np.log(res.probs) + np.asarray(self.class_biases)
-        return logp.argmax(axis=1).astype(np.int64), np.exp(log_softmax(np.maximum(logp, -1e300)))
+        return logp.argmax(axis=1).astype(np.int64), _checked_probs(np.exp(log_softmax(np.maximum(logp, -1e300))), self)
+
+
+def _checked_probs(probs: np.ndarray, recipe: "Recipe") -> np.ndarray:
+    """The blend's probabilities, refused when a row is not a distribution (NaN, all zero)."""
+    sums = probs.sum(axis=1)
+    bad = ~(np.isfinite(probs).all(axis=1) & (np.abs(sums - 1.0) < 1e-6))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise LogitError(
+            f"recipe ({recipe.vote} vote over {recipe.names}) gives {int(bad.sum())} row(s) whose probabilities "
+            f"are not a distribution (row {row}: {probs[row].tolist()[:6]}); check its weights and temperatures")
+    return probs
 
 
 def _now() -> str:
@@ -288,14 +308,23 @@ def _validate(d: Any, source: str) -> None:
             bad(f"{where}.weight", f"must be a finite number >= 0, got {w!r}")
         if not _is_number(t) or t <= 0:
             bad(f"{where}.temperature", f"must be a finite number > 0, got {t!r}")
+        if not TEMPERATURE_RANGE[0] <= t <= TEMPERATURE_RANGE[1]:
+            bad(f"{where}.temperature", f"is {t!r}, outside [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}] "
+                                        f"(tune-weights fits temperatures in (0.05, 20))")
         classes = get("classes")
         if not isinstance(classes, (list, tuple)) or len(classes) < 2:
             bad(f"{where}.classes", "must list at least two class names")
         if list(classes) != list(members[0]["classes"]):
             bad(f"{where}.classes", f"differ from members[0] ({members[0]['name']!r}): class maps must agree")
-        sha = m.get("sha256", [])
-        if not isinstance(sha, (list, tuple)) or not all(isinstance(s, str) for s in sha):
-            bad(f"{where}.sha256", "must be a list of hex strings")
+        if "sha256" not in m and get("kind") in _WEIGHTS_KINDS:
+            bad(f"{where}.sha256", f"is missing: a {get('kind')} member must record the sha256 of every weights "
+                                   f"file behind it (predict checks them); re-run tune-weights")
+        sha = m.get("sha256", [])  # a raw OOF file has no weights behind it
+        if not isinstance(sha, (list, tuple)) or not all(isinstance(s, str) and _SHA256_RE.match(s) for s in sha):
+            bad(f"{where}.sha256", f"must be a list of sha256 hex digests (64 hex characters), got {sha!r}")
+        if not sha and get("kind") in _WEIGHTS_KINDS:
+            bad(f"{where}.sha256", f"is empty: a {get('kind')} member must record the sha256 of every weights file "
+                                   f"behind it (predict checks them); re-run tune-weights")
     if len(set(names)) != len(names):
         bad("members", f"lists a name twice: {names}")
     if not any(m["weight"] > 0 for m in members):
@@ -310,6 +339,9 @@ def _validate(d: Any, source: str) -> None:
             bad("class_biases", f"must be {len(members[0]['classes'])} finite numbers, got {biases!r}")
     if not isinstance(d.get("scores", {}), Mapping):
         bad("scores", "must be an object")
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _is_number(x) -> bool:

@@ -212,6 +212,10 @@ def vote(member_logits, rule: str = "soft", weights=None, names: Sequence[str] |
     w = check_weights(weights, stacked.shape[0], names)
     if rule == "weighted" and w is None:
         raise ValueError("vote rule 'weighted' needs weights (use 'soft' for a uniform mean)")
+    with np.errstate(over="ignore"):
+        overflows = w is not None and not np.isfinite(w.sum())
+    if overflows:
+        w = w / w.max()  # huge finite weights (1e308 each) overflow their sum; only ratios matter
     if not np.all(np.isfinite(stacked)):
         bad = [n for n, a in zip(names, stacked) if not np.all(np.isfinite(a))]
         raise ValueError(f"non-finite logits (NaN or inf) in member(s) {', '.join(map(repr, bad))}")
