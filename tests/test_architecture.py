@@ -32,7 +32,6 @@ KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
 }
 KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"ensembler.data", "ensembler.data.decode"}),
-    frozenset({"ensembler.train.fold_runner", "ensembler.train.folds"}),
 }
 KNOWN_LONG_FILES: set[str] = {"ensembler/infer/tta.py"}
 

@@ -20,7 +20,7 @@ from ensembler.errors import EnsemblerError
 from ensembler.logits import read_logits
 from ensembler.registry import Registry
 from ensembler.train import TrainConfig, train_folds
-from ensembler.train.state import load_state, save_state
+from ensembler.train.state import FoldState, load_state, save_state
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,7 +72,8 @@ def test_killed_run_resumes_to_identical_weights(digits_csv, tmp_path):
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     state = load_state(state_path)
-    assert 1 <= state["epoch"] < 3 and not state["finished"]
+    assert 1 <= state.epoch < 3 and not state.finished
+    assert state.fold == 0 and state.config["epochs"] == 3 and len(state.history) == state.epoch
     assert not (reg / "registry.json").exists() or not json.loads((reg / "registry.json").read_text() or "[]")
 
     # A fresh run into the same family refuses; --resume continues it.
@@ -136,8 +137,20 @@ def test_resume_refuses_changed_settings(digits_csv, tmp_path):
 
 def test_corrupt_state_is_named(tmp_path):
     path = tmp_path / "fold0" / "state.pt"
-    save_state(path, {"epoch": 1, "w": torch.ones(3)})
-    assert load_state(path)["epoch"] == 1
+    state = FoldState(epoch=1, finished=False, stopped_early=False, model={"w": torch.ones(3)}, optimizer={},
+                      scheduler=None, scaler=None, rng={}, best_score=0.5, best_epoch=1, bad_epochs=0,
+                      best_model={"w": torch.ones(3)}, best_val_logits=np.zeros((4, 2), np.float32),
+                      history=[{"epoch": 1}], fold=0)
+    save_state(path, state)
+    back = load_state(path)
+    assert back.epoch == 1 and back.best_score == 0.5 and back.fold == 0
+    assert back.best_val_logits.dtype == np.float32 and back.best_val_logits.shape == (4, 2)
+    incomplete = state.to_dict()
+    del incomplete["best_model"]
+    torch.save(incomplete, path)
+    with pytest.raises(EnsemblerError, match=r"state.pt is not a complete training state \(missing \['best_model'\]\)"):
+        load_state(path)
+    save_state(path, state)
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(EnsemblerError, match="state.pt"):
         load_state(path)

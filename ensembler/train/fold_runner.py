@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,24 @@ def resolve_amp(amp: bool, device: torch.device) -> tuple[torch.dtype | None, bo
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False, None
     return torch.float16, True, None
+
+
+@dataclass
+class FoldSummary:
+    """One trained (or previously finished) fold."""
+
+    fold: int
+    entry_id: str
+    best_epoch: int
+    val_f1: float
+    val_acc: float
+    val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    train_index: np.ndarray  # row positions (in the split table) the fold trained on
+    val_index: np.ndarray    # row positions it validated on (its OOF rows)
+    skipped: bool = False    # finished by an earlier run (resume)
+
 
 
 class FoldRunner:
@@ -108,9 +127,7 @@ class FoldRunner:
             return
 
     # ------------------------------------------------------------------ one fold
-    def run(self, fold: int, callbacks: Callbacks | None = None):
-        from .folds import FoldSummary
-
+    def run(self, fold: int, callbacks: Callbacks | None = None) -> FoldSummary:
         cfg = self.config
         folds = self.split.folds
         train_idx = np.flatnonzero(folds != fold)
@@ -162,7 +179,7 @@ class FoldRunner:
         settings = LoopSettings(
             epochs=cfg.epochs, num_classes=space.num_classes, monitor=cfg.monitor, patience=cfg.patience,
             amp_dtype=self.amp_dtype, channels_last=cfg.channels_last, loader_seed=self.fold_seed(fold) * 10007,
-            state_path=state_path, resume=self.resume, state_extra={"fold": int(fold), "config": cfg.to_dict()},
+            state_path=state_path, resume=self.resume, fold=int(fold), config=cfg.to_dict(),
         )
         if state_path.exists() and not self.resume:
             # A fresh run never silently continues (or overwrites) someone's interrupted fold.

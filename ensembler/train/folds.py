@@ -33,24 +33,8 @@ from ..logits import Logits, read_logits, write_logits
 from ..metrics import accuracy, macro_f1
 from .config import RESUME_FREE_KEYS, TrainConfig
 from .curves import plot_learning_curves, write_metrics_csv
+from .fold_runner import FoldRunner, FoldSummary
 from .loop import Callbacks
-
-
-@dataclass
-class FoldSummary:
-    """One trained (or previously finished) fold."""
-
-    fold: int
-    entry_id: str
-    best_epoch: int
-    val_f1: float
-    val_acc: float
-    val_loss: float
-    epochs_run: int
-    stopped_early: bool
-    train_index: np.ndarray  # row positions (in the split table) the fold trained on
-    val_index: np.ndarray    # row positions it validated on (its OOF rows)
-    skipped: bool = False    # finished by an earlier run (resume)
 
 
 @dataclass
@@ -218,8 +202,6 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
     family = resolve_family(registry, config, resume)
     fam_dir = Path(registry.family_dir(family))
     run_fold_ids = config.folds if config.folds is not None else list(range(config.k))
-    from .fold_runner import FoldRunner
-
     runner = FoldRunner(split=split, targets=targets, label_space=label_space, config=config,
                         registry=registry, family=family, resume=resume)
     runner.prepare(run_fold_ids)  # pretrained weights missing -> clean error, nothing written yet

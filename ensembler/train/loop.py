@@ -20,7 +20,7 @@ import torch
 
 from ..errors import EnsemblerError
 from ..metrics import accuracy, macro_f1
-from .state import capture_rng, load_state, restore_rng, save_state
+from .state import FoldState, capture_rng, load_state, restore_rng, save_state
 
 
 @dataclass
@@ -88,7 +88,8 @@ class LoopSettings:
     loader_seed: int = 0
     state_path: Path | None = None
     resume: bool = False
-    state_extra: dict[str, Any] = field(default_factory=dict)  # stored in the state (e.g. config)
+    fold: int | None = None     # recorded in the resume state (FoldState.fold)
+    config: dict[str, Any] = field(default_factory=dict)  # recorded in the resume state (the TrainConfig)
 
 
 def _improved(score: float, best: float | None, monitor: str) -> bool:
@@ -173,21 +174,17 @@ def run_fold(
 
     if s.resume and s.state_path is not None and Path(s.state_path).exists():
         state = load_state(s.state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        history = [EpochRecord(**h) for h in state["history"]]
-        best_score = state["best_score"]
-        best_epoch = int(state["best_epoch"])
-        best_weights = state["best_model"]
-        best_logits = state["best_val_logits"].numpy()
-        bad_epochs = int(state["bad_epochs"])
-        start_epoch = int(state["epoch"])
-        finished = bool(state["finished"])
-        restore_rng(state["rng"])
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        if scheduler is not None and state.scheduler is not None:
+            scheduler.load_state_dict(state.scheduler)
+        if scaler is not None and state.scaler is not None:
+            scaler.load_state_dict(state.scaler)
+        history = [EpochRecord(**h) for h in state.history]
+        best_score, best_epoch, bad_epochs = state.best_score, state.best_epoch, state.bad_epochs
+        best_weights, best_logits = state.best_model, state.best_val_logits
+        start_epoch, finished = state.epoch, state.finished
+        restore_rng(state.rng)
     resumed_at = start_epoch
 
     epoch = start_epoch
@@ -231,24 +228,16 @@ def run_fold(
         cb.on_epoch_end(record, is_best)
 
         if s.state_path is not None:
-            save_state(s.state_path, {
-                "fold_state": True,
-                "epoch": epoch,
-                "finished": finished,
-                "stopped_early": bool(stop_early and epoch < s.epochs),
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": capture_rng(),
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "best_model": best_weights,
-                "best_val_logits": torch.from_numpy(best_logits),
-                "history": [r.to_dict() for r in history],
-                **s.state_extra,
-            })
+            save_state(s.state_path, FoldState(
+                epoch=epoch, finished=finished, stopped_early=bool(stop_early and epoch < s.epochs),
+                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                scaler=scaler.state_dict() if scaler is not None else None,
+                rng=capture_rng(), best_score=best_score, best_epoch=best_epoch, bad_epochs=bad_epochs,
+                best_model=best_weights, best_val_logits=best_logits,
+                history=[r.to_dict() for r in history], fold=s.fold, config=s.config,
+            ))
             cb.on_state_saved(Path(s.state_path), epoch, list(history), best_epoch)
 
     if best_weights is None:

@@ -3,18 +3,10 @@
 File: ``<registry>/<family>/fold<k>/state.pt``, rewritten atomically after every epoch
 (temp file + fsync + rename, so a kill at any moment leaves the previous epoch's state or
 the new one). It holds only tensors, numbers, strings, lists and dicts, so it loads with
-``torch.load(..., weights_only=True)``: no pickled objects, no code runs on load. Keys:
-
-``format``        state format version (1)
-``fold``, ``epoch`` the fold and the number of finished epochs
-``finished``      True once the fold stopped (last epoch or early stop)
-``model``, ``optimizer``, ``scheduler``, ``scaler``  state dicts (scaler ``None`` without fp16)
-``rng``           python / numpy / torch (and CUDA) generator states, as lists and tensors
-``best_score``, ``best_epoch``, ``bad_epochs``  best-by-monitor bookkeeping
-``best_model``    the best epoch's weights (CPU)
-``best_val_logits`` joint logits of the validation rows at the best epoch (float32 tensor)
-``history``       one dict of floats per finished epoch
-``config``        the run's TrainConfig as a dict (checked on resume)
+``torch.load(..., weights_only=True)``: no pickled objects, no code runs on load. One
+:class:`FoldState` is one file; :func:`save_state` writes it and :func:`load_state` reads it
+(the only writer and reader). Keys on disk, one per field of :class:`FoldState`, plus
+``format`` (the state format version, 1).
 
 The file is deleted once the fold's checkpoint is registered; the registry entry and
 ``fold<k>/val_logits.npz`` are then the record of a finished fold.
@@ -23,6 +15,7 @@ The file is deleted once the fold's checkpoint is registered; the registry entry
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +60,91 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically with ``torch.save``."""
-    state = dict(state, format=STATE_FORMAT)
+@dataclass
+class FoldState:
+    """Where one fold's training stands after a finished epoch (the ``state.pt`` file).
+
+    Attributes
+    ----------
+    epoch : int
+        Number of finished epochs.
+    finished : bool
+        True once the fold stopped (last epoch or early stop).
+    stopped_early : bool
+        Stopped by ``patience`` before the last epoch.
+    model, optimizer : dict
+        State dicts after ``epoch``.
+    scheduler, scaler : dict or None
+        State dicts (``None`` without a schedule / without fp16).
+    rng : dict
+        Python, numpy and torch (and CUDA) generator states (:func:`capture_rng`).
+    best_score : float or None
+        Best monitored score so far; ``best_epoch`` its epoch, ``bad_epochs`` the epochs since.
+    best_model : dict
+        The best epoch's weights (CPU tensors).
+    best_val_logits : numpy.ndarray
+        Joint logits (float32) of the validation rows at the best epoch.
+    history : list of dict
+        One dict of floats per finished epoch (``EpochRecord.to_dict()``).
+    fold : int or None
+        The fold this state belongs to.
+    config : dict
+        The run's TrainConfig as a dict (checked on resume).
+    """
+
+    epoch: int
+    finished: bool
+    stopped_early: bool
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+    best_score: float | None
+    best_epoch: int
+    bad_epochs: int
+    best_model: dict[str, torch.Tensor]
+    best_val_logits: np.ndarray
+    history: list[dict[str, float]] = field(default_factory=list)
+    fold: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk form: plain containers and tensors only (``weights_only`` loads it)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["best_val_logits"] = torch.from_numpy(np.ascontiguousarray(self.best_val_logits, dtype=np.float32))
+        return dict(out, format=STATE_FORMAT)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str | Path = "state") -> "FoldState":
+        """Inverse of :meth:`to_dict`; an ``EnsemblerError`` naming ``source`` and the missing keys."""
+        required = [f.name for f in fields(cls) if f.name not in ("history", "fold", "config")]
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise EnsemblerError(f"{source} is not a complete training state (missing {missing}); "
+                                 f"delete it to restart that fold")
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        logits = values["best_val_logits"]
+        values["best_val_logits"] = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+        values.update(epoch=int(values["epoch"]), finished=bool(values["finished"]),
+                      stopped_early=bool(values["stopped_early"]), best_epoch=int(values["best_epoch"]),
+                      bad_epochs=int(values["bad_epochs"]))
+        return cls(**values)
+
+
+def save_state(path: str | Path, state: FoldState) -> None:
+    """Write ``state`` atomically with ``torch.save`` (the one writer of ``state.pt``)."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(state.to_dict(), tmp)
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """Read a state written by :func:`save_state` with ``weights_only=True``.
+def load_state(path: str | Path) -> FoldState:
+    """Read a state written by :func:`save_state` with ``weights_only=True`` (the one reader).
 
     Raises
     ------
     EnsemblerError
-        The file is unreadable or of another format; the message names the file.
+        The file is unreadable, of another format or incomplete; the message names the file.
     """
     path = Path(path)
     try:
@@ -89,4 +153,4 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise EnsemblerError(f"cannot read training state {path}: {exc}; delete it to restart that fold") from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise EnsemblerError(f"{path} is not an ensembler training state (format {STATE_FORMAT})")
-    return state
+    return FoldState.from_dict(state, path)
