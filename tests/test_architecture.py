@@ -17,25 +17,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ensembler"
 MAX_LINES = 500
 
-# Debt still being paid off (issue 10): each entry is a rule broken today, listed so a new
-# breach fails at once; the lists shrink to empty.
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
-    ("ensembler.data.mask", "_MAX_LISTED"), ("ensembler.data.mask", "_check_files"),
-    ("ensembler.data.mask", "_check_unique"), ("ensembler.data.mask", "_find_column"),
-    ("ensembler.data.mask", "_hidden"), ("ensembler.data.mask", "_is_image_name"),
-    ("ensembler.data.mask", "_line"), ("ensembler.data.mask", "_listing"), ("ensembler.data.mask", "_read_csv"),
-    ("ensembler.data.sources", "_check_files"), ("ensembler.data.sources", "_check_unique"),
-    ("ensembler.data.sources", "_hidden"), ("ensembler.data.sources", "_is_image_name"),
-    ("ensembler.data.sources", "_line"), ("ensembler.data.sources", "_listing"),
-    ("ensembler.data.sources", "_read_csv"), ("ensembler.data.sources", "_is_mask_info_csv"),
-    ("ensembler.data.sources", "_mask_layout"),
-}
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"ensembler.data", "ensembler.data.decode"}),
-}
-KNOWN_LONG_FILES: set[str] = {"ensembler/infer/tta.py"}
-
-
 @lru_cache(maxsize=1)
 def modules() -> dict[str, tuple[Path, bool]]:
     """Dotted module name -> (file, is a package ``__init__``)."""
@@ -95,9 +76,7 @@ def test_the_rules_see_the_package():
 def test_no_module_imports_a_private_name_of_another():
     found = {(mod, imported) for mod, items in imports().items() for target, imported, _ in items
              if imported is not None and _is_private(imported) and target != mod}
-    new = sorted(found - KNOWN_PRIVATE_IMPORTS)
-    assert not new, f"private names imported from another module: {new}"
-    assert not KNOWN_PRIVATE_IMPORTS - found, f"fixed: drop from KNOWN_PRIVATE_IMPORTS {KNOWN_PRIVATE_IMPORTS - found}"
+    assert not found, f"private names imported from another module: {sorted(found)}"
 
 
 def _cycles() -> list[frozenset[str]]:
@@ -135,10 +114,8 @@ def _cycles() -> list[frozenset[str]]:
 
 
 def test_no_import_cycles_counting_function_local_imports():
-    found = set(_cycles())
-    new = [sorted(c) for c in found - KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
-    assert not KNOWN_CYCLES - found, f"fixed: drop from KNOWN_CYCLES {KNOWN_CYCLES - found}"
+    found = sorted(sorted(c) for c in _cycles())
+    assert not found, f"import cycles: {found}"
 
 
 def test_infer_and_ensemble_are_siblings_and_nothing_imports_cli():
@@ -166,6 +143,5 @@ def test_logits_files_are_read_and_written_only_by_ensembler_logits():
 def test_no_file_over_500_lines():
     lengths = {str(p.relative_to(PACKAGE.parent)): len(p.read_text(encoding="utf-8").splitlines())
                for p, _ in modules().values()}
-    long = {f for f, n in lengths.items() if n > MAX_LINES}
-    assert not long - KNOWN_LONG_FILES, f"files over {MAX_LINES} lines: {sorted(long - KNOWN_LONG_FILES)}"
-    assert not KNOWN_LONG_FILES - long, f"fixed: drop from KNOWN_LONG_FILES {KNOWN_LONG_FILES - long}"
+    long = sorted(f for f, n in lengths.items() if n > MAX_LINES)
+    assert not long, f"files over {MAX_LINES} lines: {long}"

@@ -66,8 +66,9 @@ split
 
 Import every name from this package (``from ensembler.data import load_source``), not from
 its modules: the modules are a layout, not an interface. In particular,
-:func:`verify_images` and the training and inference datasets look :func:`decode_image` up
-on this package when they run, so patching ``ensembler.data.decode_image`` reaches them.
+:func:`verify_images` takes the decoder as ``decode=`` (default :func:`decode_image`); the
+training and inference datasets look :func:`decode_image` up on this package when they run,
+so patching ``ensembler.data.decode_image`` reaches them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Private to :mod:`ensembler.data`: hidden-entry and image-extension rules, a CSV reader that
 names the file on any failure, 1-based line numbers for data rows, and lists of offenders
-capped at ``_MAX_LISTED`` per message.
+capped at ``MAX_LISTED`` per message.
 """
 
 from __future__ import annotations
@@ -16,25 +16,42 @@ import pandas as pd
 from ..errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-_MAX_LISTED = 10  # offenders named in one error message
+MAX_LISTED = 10  # offenders named in one error message
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """A hidden or OS-litter entry (``.x``, ``Thumbs.db``, ``__MACOSX``), skipped by every Source.
+
+    >>> is_hidden("._mask1.jpg"), is_hidden("Thumbs.db"), is_hidden("mask1.jpg")
+    (True, True, False)
+    """
     return name.startswith(".") or name in ("Thumbs.db", "desktop.ini", "__MACOSX")
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """The name ends in one of :data:`IMAGE_EXTENSIONS` (any case).
+
+    >>> is_image_name("a.JPG"), is_image_name("a.txt")
+    (True, False)
+    """
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _listing(items: Sequence[str], total: int | None = None) -> str:
+def listing(items: Sequence[str], total: int | None = None) -> str:
+    """Offenders one per indented line, at most :data:`MAX_LISTED`, then "... and N more".
+
+    >>> print(listing(["a", "b"]))
+    <BLANKLINE>
+      a
+      b
+    """
     total = len(items) if total is None else total
-    shown = "\n  ".join(str(i) for i in items[:_MAX_LISTED])
-    more = f"\n  ... and {total - _MAX_LISTED} more" if total > _MAX_LISTED else ""
+    shown = "\n  ".join(str(i) for i in items[:MAX_LISTED])
+    more = f"\n  ... and {total - MAX_LISTED} more" if total > MAX_LISTED else ""
     return f"\n  {shown}{more}"
 
 
-def _read_csv(path: Path, what: str = "CSV") -> pd.DataFrame:
+def read_csv_cells(path: Path, what: str = "CSV") -> pd.DataFrame:
     """All cells as stripped strings ("" for empty); DataError naming the file on any failure."""
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig",
@@ -53,7 +70,7 @@ def _read_csv(path: Path, what: str = "CSV") -> pd.DataFrame:
     return df
 
 
-def _find_column(df: pd.DataFrame, name: str) -> str | None:
+def find_column(df: pd.DataFrame, name: str) -> str | None:
     """The column called ``name``, case-insensitively."""
     for c in df.columns:
         if c.lower() == name.lower():
@@ -61,21 +78,33 @@ def _find_column(df: pd.DataFrame, name: str) -> str | None:
     return None
 
 
-def _line(i: int) -> int:
-    """File line of data row ``i`` (header is line 1)."""
+def csv_line(i: int) -> int:
+    """File line of data row ``i`` (header is line 1).
+
+    >>> csv_line(0)
+    2
+    """
     return i + 2
 
 
-def _check_unique(values: Sequence[str], where: str, what: str = "id") -> None:
+def check_unique(values: Sequence[str], where: str, what: str = "id") -> None:
+    """DataError naming both file lines of the first value that appears twice.
+
+    >>> check_unique(["a", "b", "a"], "x.csv")
+    Traceback (most recent call last):
+    ...
+    ensembler.errors.DataError: x.csv: duplicate id 'a' on line 2 and line 4
+    """
     seen: dict[str, int] = {}
     for i, v in enumerate(values):
         if v in seen:
-            raise DataError(f"{where}: duplicate {what} {v!r} on line {_line(seen[v])} and line {_line(i)}")
+            raise DataError(f"{where}: duplicate {what} {v!r} on line {csv_line(seen[v])} and line {csv_line(i)}")
         seen[v] = i
 
 
-def _check_files(paths: Sequence[str], given: Sequence[str], where: str) -> None:
-    missing = [f"line {_line(i)}: {p}" + (f" (written {g!r})" if g != p else "")
+def check_files(paths: Sequence[str], given: Sequence[str], where: str) -> None:
+    """DataError listing every row whose image file does not exist (``given``: as written)."""
+    missing = [f"line {csv_line(i)}: {p}" + (f" (written {g!r})" if g != p else "")
                for i, (p, g) in enumerate(zip(paths, given)) if not os.path.isfile(p)]
     if missing:
-        raise DataError(f"{where}: {len(missing)} image file(s) not found:{_listing(missing)}")
+        raise DataError(f"{where}: {len(missing)} image file(s) not found:{listing(missing)}")

@@ -111,12 +111,21 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def verify_images(paths: Iterable[str], workers: int | None = None, progress=None) -> list[tuple[str, str]]:
-    """Decode every file; return ``[(path, reason), ...]`` for the ones that fail (in order)."""
-    # Looked up on the package, as when this lived in ensembler/data.py: a patch of
-    # ``ensembler.data.decode_image`` reaches verify_images too.
-    from . import decode_image as decode
+def verify_images(paths: Iterable[str], workers: int | None = None, progress=None, *,
+                  decode=None) -> list[tuple[str, str]]:
+    """Decode every file; return ``[(path, reason), ...]`` for the ones that fail (in order).
 
+    Parameters
+    ----------
+    paths : iterable of str
+    workers : int, optional
+        Decoding threads (default ``min(8, cpu count)``).
+    progress : callable, optional
+        Called once per file.
+    decode : callable, optional
+        The decoder (default :func:`decode_image`); it raises :class:`ImageDecodeError`.
+    """
+    decode = decode or decode_image
     paths = list(paths)
     workers = workers or min(8, os.cpu_count() or 1)
 

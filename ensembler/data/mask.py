@@ -20,15 +20,15 @@ import pandas as pd
 from ..errors import DataError
 from ..labels import DEFAULT_AGE_BANDS, LabelSpace, age_band, validate_age_bands
 from ._common import (
-    _MAX_LISTED,
-    _check_files,
-    _check_unique,
-    _find_column,
-    _hidden,
-    _is_image_name,
-    _line,
-    _listing,
-    _read_csv,
+    MAX_LISTED,
+    check_files,
+    check_unique,
+    csv_line,
+    find_column,
+    is_hidden,
+    is_image_name,
+    listing,
+    read_csv_cells,
 )
 from .table import SampleTable
 
@@ -40,9 +40,9 @@ PROFILE_RE = re.compile(r"^(?P<pid>[^_]+)_(?P<gender>male|female)_(?P<race>.+)_(
 LABEL_FIX_COLUMNS = ("id", "gender", "age", "mask_swap", "note")
 
 
-def _mask_layout(p: Path) -> str | None:
+def mask_layout(p: Path) -> str | None:
     """``"eval"``, ``"train"`` or None for a folder (``p`` may be the tree's ``images/`` itself)."""
-    if p.name == "images" and not (p / "images").is_dir() and _mask_layout(p.parent) == "train":
+    if p.name == "images" and not (p / "images").is_dir() and mask_layout(p.parent) == "train":
         return "train"
     images = p / "images"
     if not images.is_dir():
@@ -51,12 +51,12 @@ def _mask_layout(p: Path) -> str | None:
         return "eval"
     with os.scandir(images) as it:
         for e in it:
-            if not _hidden(e.name) and e.is_dir() and PROFILE_RE.match(e.name):
+            if not is_hidden(e.name) and e.is_dir() and PROFILE_RE.match(e.name):
                 return "train"
     return None
 
 
-def _is_mask_info_csv(p: Path) -> bool:
+def is_mask_info_csv(p: Path) -> bool:
     if p.suffix.lower() != ".csv" or not (p.parent / "images").is_dir():
         return False
     try:
@@ -83,12 +83,12 @@ def load_mask(root: str | os.PathLike, *, age_bands: Sequence[int] | None = None
         raise DataError(f"mask data {root} has the 18 mask classes, but the given label space has "
                         f"{label_space.num_classes}: {list(label_space.classes)[:5]}...")
     if root.is_file():
-        if not _is_mask_info_csv(root):
+        if not is_mask_info_csv(root):
             raise DataError(f"{root}: not a mask eval info.csv (needs an ImageID column and an images/ folder beside it)")
         info, root = root, root.parent
         kind = "eval"
     else:
-        kind = _mask_layout(root)
+        kind = mask_layout(root)
         if kind == "train" and not (root / "images").is_dir():  # given the images/ folder itself
             root = root.parent
         info = root / "info.csv"
@@ -106,8 +106,8 @@ def load_mask(root: str | os.PathLike, *, age_bands: Sequence[int] | None = None
 
 def _load_mask_eval(root: Path, info: Path, space: LabelSpace) -> SampleTable:
     where = str(info)
-    df = _read_csv(info, "mask info.csv")
-    col = _find_column(df, "ImageID")
+    df = read_csv_cells(info, "mask info.csv")
+    col = find_column(df, "ImageID")
     if col is None:
         raise DataError(f"{where}: no 'ImageID' column; columns found: {list(df.columns)}")
     if len(df) == 0:
@@ -115,10 +115,10 @@ def _load_mask_eval(root: Path, info: Path, space: LabelSpace) -> SampleTable:
     ids = df[col].tolist()
     blank = [i for i, v in enumerate(ids) if v == ""]
     if blank:
-        raise DataError(f"{where}: empty ImageID on line {_line(blank[0])}")
-    _check_unique(ids, where, "ImageID")
+        raise DataError(f"{where}: empty ImageID on line {csv_line(blank[0])}")
+    check_unique(ids, where, "ImageID")
     paths = [str(root / "images" / i) for i in ids]
-    _check_files(paths, paths, where)
+    check_files(paths, paths, where)
     frame = pd.DataFrame({"id": ids, "path": paths, "label": pd.array([pd.NA] * len(ids), dtype="Int64"),
                           "group": ids})
     return SampleTable(frame, space, {"kind": "mask", "layout": "eval", "path": str(root), "info_csv": where,
@@ -148,7 +148,7 @@ def read_label_fix(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """
     path = Path(path)
     where = str(path)
-    df = _read_csv(path, "label-fix CSV")
+    df = read_csv_cells(path, "label-fix CSV")
     df.columns = [c.lower() for c in df.columns]
     if "id" not in df.columns:
         raise DataError(f"{where}: no 'id' column; columns found: {list(df.columns)} "
@@ -164,27 +164,27 @@ def read_label_fix(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         if m:
             pid = m.group("pid")
         if pid == "":
-            raise DataError(f"{where}, line {_line(i)}: empty id")
+            raise DataError(f"{where}, line {csv_line(i)}: empty id")
         if pid in fixes:
-            raise DataError(f"{where}: profile {pid!r} appears on line {lines[pid]} and line {_line(i)}")
+            raise DataError(f"{where}: profile {pid!r} appears on line {lines[pid]} and line {csv_line(i)}")
         fix: dict[str, Any] = {}
         g = row.get("gender", "").lower()
         if g:
             if g not in GENDER_INDEX:
-                raise DataError(f"{where}, line {_line(i)}: gender {row['gender']!r} is not male or female")
+                raise DataError(f"{where}, line {csv_line(i)}: gender {row['gender']!r} is not male or female")
             fix["gender"] = GENDER_INDEX[g]
         a = row.get("age", "")
         if a:
             if not a.isdigit():
-                raise DataError(f"{where}, line {_line(i)}: age {a!r} is not a whole number of years")
+                raise DataError(f"{where}, line {csv_line(i)}: age {a!r} is not a whole number of years")
             fix["age"] = int(a)
         s = row.get("mask_swap", "").lower()
         if s in ("1", "true", "yes", "y"):
             fix["mask_swap"] = True
         elif s not in ("", "0", "false", "no", "n"):
-            raise DataError(f"{where}, line {_line(i)}: mask_swap {row['mask_swap']!r} is not 1/0/true/false/yes/no")
+            raise DataError(f"{where}, line {csv_line(i)}: mask_swap {row['mask_swap']!r} is not 1/0/true/false/yes/no")
         fixes[pid] = fix
-        lines[pid] = _line(i)
+        lines[pid] = csv_line(i)
     return fixes
 
 
@@ -194,10 +194,10 @@ def _load_mask_train(root: Path, space: LabelSpace, bands: tuple[int, int], labe
     problems: list[str] = []
     rows = []
     with os.scandir(images) as it:
-        entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
+        entries = sorted((e for e in it if not is_hidden(e.name)), key=lambda e: e.name)
     for e in entries:
         if not e.is_dir():
-            if _is_image_name(e.name):
+            if is_image_name(e.name):
                 problems.append(f"{e.path}: an image directly in images/ (expected images/<profile>/<stem>.<ext>)")
             continue
         m = PROFILE_RE.match(e.name)
@@ -207,7 +207,7 @@ def _load_mask_train(root: Path, space: LabelSpace, bands: tuple[int, int], labe
         files: dict[str, str] = {}
         with os.scandir(e.path) as fit:
             for f in sorted(fit, key=lambda f: f.name):
-                if _hidden(f.name) or not _is_image_name(f.name) or f.is_dir():
+                if is_hidden(f.name) or not is_image_name(f.name) or f.is_dir():
                     continue
                 stem = os.path.splitext(f.name)[0].lower()
                 if stem not in MASK_OF_STEM:
@@ -236,7 +236,7 @@ def _load_mask_train(root: Path, space: LabelSpace, bands: tuple[int, int], labe
                          pid, e.name, mask, gender, age))
     if problems:
         raise DataError(f"mask folder {images}: {len(problems)} problem(s) "
-                        f"(each profile needs exactly {', '.join(MASK_STEMS)}):{_listing(problems)}")
+                        f"(each profile needs exactly {', '.join(MASK_STEMS)}):{listing(problems)}")
     if not rows:
         raise DataError(f"mask folder {images} holds no profile folders")
     frame = pd.DataFrame(rows, columns=["id", "path", "label", "group", "profile", "mask", "gender", "age_years"])
@@ -249,7 +249,7 @@ def _load_mask_train(root: Path, space: LabelSpace, bands: tuple[int, int], labe
         unused = sorted(set(fixes) - seen)
         if unused:
             warnings.warn(f"label-fix {label_fix}: {len(unused)} profile id(s) not in {images}: "
-                          f"{unused[:_MAX_LISTED]}", stacklevel=3)
+                          f"{unused[:MAX_LISTED]}", stacklevel=3)
         source["label_fix"] = str(Path(label_fix).absolute())
         source["label_fix_profiles"] = len(set(fixes) & seen)
     return SampleTable(frame, space, source)

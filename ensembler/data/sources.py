@@ -20,16 +20,16 @@ from ..errors import DataError
 from ..labels import LabelSpace, validate_age_bands
 from ._common import (
     IMAGE_EXTENSIONS,
-    _check_files,
-    _check_unique,
-    _hidden,
-    _is_image_name,
-    _line,
-    _listing,
-    _read_csv,
+    check_files,
+    check_unique,
+    csv_line,
+    is_hidden,
+    is_image_name,
+    listing,
+    read_csv_cells,
 )
 from .digits import load_digits_table
-from .mask import _is_mask_info_csv, _mask_layout, load_mask
+from .mask import is_mask_info_csv, load_mask, mask_layout
 from .split import check_folds
 from .table import SampleTable
 
@@ -125,13 +125,13 @@ def detect_source(spec: str) -> str:
         return "digits"
     p = Path(spec)
     if p.is_file():
-        if _is_mask_info_csv(p):
+        if is_mask_info_csv(p):
             return "mask"
         if p.suffix.lower() == ".csv":
             return "csv"
         raise DataError(f"--data {spec}: a file that is not a .csv (give a CSV manifest, a folder, or 'digits')")
     if p.is_dir():
-        return "mask" if _mask_layout(p) is not None else "folder"
+        return "mask" if mask_layout(p) is not None else "folder"
     raise DataError(
         f"--data {spec}: no such file or folder (give a CSV manifest, an image-folder tree, "
         "a mask-competition folder, or the word 'digits')"
@@ -146,7 +146,7 @@ def _parse_labels(values: Sequence[str], where: str, label_space: LabelSpace | N
     """Class indices of CSV label cells, and the LabelSpace they index."""
     empty = [i for i, v in enumerate(values) if v == ""]
     if empty:
-        raise DataError(f"{where}: empty label on line {_line(empty[0])} ({len(empty)} row(s) without a label; "
+        raise DataError(f"{where}: empty label on line {csv_line(empty[0])} ({len(empty)} row(s) without a label; "
                         "drop the label column for an unlabeled set)")
     if label_space is not None:
         out = []
@@ -154,11 +154,11 @@ def _parse_labels(values: Sequence[str], where: str, label_space: LabelSpace | N
             try:
                 out.append(label_space.index(v))
             except DataError as exc:
-                raise DataError(f"{where}, line {_line(i)}: {exc}") from None
+                raise DataError(f"{where}, line {csv_line(i)}: {exc}") from None
         if class_names is not None:
             for i, (idx, name) in enumerate(zip(out, class_names)):
                 if name and name != label_space.classes[idx]:
-                    raise DataError(f"{where}, line {_line(i)}: label {idx} is class "
+                    raise DataError(f"{where}, line {csv_line(i)}: label {idx} is class "
                                     f"{label_space.classes[idx]!r}, but class_name says {name!r}")
         return out, label_space
     if all(_INT_RE.match(v) for v in values):
@@ -169,8 +169,8 @@ def _parse_labels(values: Sequence[str], where: str, label_space: LabelSpace | N
             seen: dict[int, tuple[str, int]] = {}
             for i, (k, name) in enumerate(zip(idx, class_names)):
                 if k in seen and seen[k][0] != name:
-                    raise DataError(f"{where}: label {k} is class_name {seen[k][0]!r} on line {_line(seen[k][1])} "
-                                    f"but {name!r} on line {_line(i)}")
+                    raise DataError(f"{where}: label {k} is class_name {seen[k][0]!r} on line {csv_line(seen[k][1])} "
+                                    f"but {name!r} on line {csv_line(i)}")
                 seen.setdefault(k, (name, i))
             names = [seen[k][0] if k in seen and seen[k][0] else str(k) for k in range(n)]
             if len(set(names)) != n:
@@ -189,7 +189,7 @@ def load_csv(csv: str | os.PathLike, *, label_space: LabelSpace | None = None) -
     """A CSV manifest (``path[,label][,group][,id][,fold]``); see the package docstring (:mod:`ensembler.data`)."""
     csv = Path(os.path.abspath(csv))
     where = str(csv)
-    df = _read_csv(csv, "CSV manifest")
+    df = read_csv_cells(csv, "CSV manifest")
     lower = [c.lower() for c in df.columns]
     if len(set(lower)) != len(lower):
         raise DataError(f"{where}: column names repeat (ignoring case): {list(df.columns)}")
@@ -203,17 +203,17 @@ def load_csv(csv: str | os.PathLike, *, label_space: LabelSpace | None = None) -
     given = df["path"].tolist()
     blank = [i for i, g in enumerate(given) if g == ""]
     if blank:
-        raise DataError(f"{where}: empty path on line {_line(blank[0])}")
+        raise DataError(f"{where}: empty path on line {csv_line(blank[0])}")
     paths = [os.path.abspath(g if os.path.isabs(g) else os.path.join(base, g)) for g in given]
     if "id" in df.columns:
         ids = df["id"].tolist()
         blank = [i for i, v in enumerate(ids) if v == ""]
         if blank:
-            raise DataError(f"{where}: empty id on line {_line(blank[0])}")
+            raise DataError(f"{where}: empty id on line {csv_line(blank[0])}")
     else:
         ids = [_id_from_path(g, p, base) for g, p in zip(given, paths)]
-    _check_unique(ids, where)
-    _check_files(paths, given, where)
+    check_unique(ids, where)
+    check_files(paths, given, where)
 
     frame = pd.DataFrame({"id": ids, "path": paths})
     if "label" in df.columns:
@@ -227,14 +227,14 @@ def load_csv(csv: str | os.PathLike, *, label_space: LabelSpace | None = None) -
         groups = df["group"].tolist()
         blank = [i for i, v in enumerate(groups) if v == ""]
         if blank:
-            raise DataError(f"{where}: empty group on line {_line(blank[0])} (leave the column out for one group per image)")
+            raise DataError(f"{where}: empty group on line {csv_line(blank[0])} (leave the column out for one group per image)")
         frame["group"] = groups
     else:
         frame["group"] = ids
     if "fold" in df.columns:
         bad = [i for i, v in enumerate(df["fold"]) if not v.isdigit()]
         if bad:
-            raise DataError(f"{where}, line {_line(bad[0])}: fold {df['fold'].iloc[bad[0]]!r} is not a "
+            raise DataError(f"{where}, line {csv_line(bad[0])}: fold {df['fold'].iloc[bad[0]]!r} is not a "
                             "non-negative integer")
         frame["fold"] = df["fold"].astype(np.int64).to_numpy()
     extra = [c for c in df.columns if c not in ("id", "path", "label", "group", "fold", "class_name")]
@@ -262,8 +262,8 @@ def _walk_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, hidden entries skipped), sorted by relative path."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        found.extend(Path(dirpath) / f for f in filenames if not _hidden(f) and _is_image_name(f))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        found.extend(Path(dirpath) / f for f in filenames if not is_hidden(f) and is_image_name(f))
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -272,16 +272,16 @@ def load_image_folder(root: str | os.PathLike, *, label_space: LabelSpace | None
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise DataError(f"{root} is not a folder")
-    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not _hidden(d.name)), key=lambda d: d.name)
+    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not is_hidden(d.name)), key=lambda d: d.name)
     if not class_dirs:
-        loose = sum(1 for f in root.iterdir() if f.is_file() and _is_image_name(f.name))
+        loose = sum(1 for f in root.iterdir() if f.is_file() and is_image_name(f.name))
         hint = f" ({loose} images lie directly in it; put each class in its own sub-folder)" if loose else ""
         raise DataError(f"image folder {root} has no class folders (expected {root}/<class>/<image>){hint}")
     per_class = {d.name: _walk_images(d) for d in class_dirs}
     empty = [str(d) for d in class_dirs if not per_class[d.name]]
     if empty:
         raise DataError(f"image folder {root}: class folder(s) without images "
-                        f"({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}):{_listing(empty)}")
+                        f"({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}):{listing(empty)}")
     if label_space is None:
         if len(class_dirs) < 2:
             raise DataError(f"image folder {root} has one class folder ({class_dirs[0].name!r}); a classifier needs at least 2")

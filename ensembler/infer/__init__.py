@@ -2,8 +2,10 @@
 
 Public API
 ----------
-parse_tta, TTAPlan, predict_batch, predict_views, merge_views
-    TTA plans as data; views built on the device and stacked into the batch (``tta.py``).
+parse_tta, TTAPlan, View
+    TTA plans as data; views built on the device (``views.py``).
+predict_batch, predict_views, merge_views
+    Every view of a batch stacked into as few forwards as fit, and merged (``tta.py``).
 predict_members, checkpoint_view_logits
     Registry members over a SampleTable (decode once per geometry, per-member
     normalisation, cached logits), as :class:`ensembler.logits.Logits`; one checkpoint's
@@ -21,7 +23,8 @@ from .engine import BACKENDS, checkpoint_view_logits, predict_members
 from .onnx import OnnxExport, export_onnx
 from .oof_tta import TTAReport, TTAScore, tta_report
 from .store import CacheWarning, LogitStore, default_cache_dir
-from .tta import MERGE_RULES, TTAError, TTAPlan, View, check_merge, merge_views, parse_tta, predict_batch, predict_views
+from .tta import MERGE_RULES, check_merge, merge_views, predict_batch, predict_views
+from .views import TTAError, TTAPlan, View, parse_tta
 
 __all__ = [
     "BACKENDS", "CacheWarning", "LogitStore", "MERGE_RULES", "OnnxExport", "TTAError", "TTAPlan",

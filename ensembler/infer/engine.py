@@ -34,7 +34,8 @@ from ..errors import DataError, EnsemblerError, ImageDecodeError, LogitError
 from ..logits import Logits
 from ..progress import Ticker
 from .store import LogitStore, default_cache_dir
-from .tta import build_views, check_merge, default_chunk_size, forward_chunked, merge_views, parse_tta
+from .tta import check_merge, default_chunk_size, forward_chunked, merge_views
+from .views import build_views, parse_tta
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -42,7 +42,8 @@ from ..metrics import classification_scores
 from ..progress import Ticker
 from .engine import check_run_args, checkpoint_view_logits, resolve_precision
 from .store import LogitStore, default_cache_dir
-from .tta import MERGE_RULES, View, check_merge, merge_views, parse_tta
+from .tta import MERGE_RULES, check_merge, merge_views
+from .views import View, parse_tta
 
 __all__ = ["TTAScore", "TTAReport", "tta_report", "oof_tta_filename", "IDENTITY_ROW"]
 
