@@ -374,3 +374,22 @@ def test_evaluate_infer_output_votes_its_members(setup, tmp_path):
     assert one.f1 == pytest.approx(macro_f1(table.labels, engine["eff"].logits.argmax(1), 3))
     with pytest.raises(LogitError, match="infer.npz has no member\\(s\\) \\['nope'\\]"):
         evaluate(table, logits=f, members="nope")
+
+
+def test_stacked_recipe_runs_every_member_and_applies_the_regression(setup, tmp_path):
+    from ensembler.ensemble.stacking import stack_features
+
+    table, reg, cache, subs = setup
+    rng = np.random.default_rng(0)
+    coef, intercept = rng.normal(size=(3, 6)), rng.normal(size=3)
+    members = tuple(RecipeMember(name, "family", LABELS.classes, weight=0.5,
+                                 sha256=tuple(e.sha256 for e in reg.family(name))) for name in ("res", "eff"))
+    recipe = Recipe(members=members, vote="stack", method="stack",
+                    stack={"coef": coef.tolist(), "intercept": intercept.tolist(), "classes": [0, 1, 2], "C": 1.0})
+    path = recipe.save(tmp_path / "stack.json")
+    res = predict(table, reg, recipe=path, cache_dir=cache, progress=False, out=subs / "s.csv")
+    assert res.vote == "stack" and sorted(res.member_logits) == ["eff", "res"]
+    z = np.stack([res.member_logits[n].logits for n in ("res", "eff")])
+    want = log_softmax(stack_features(z) @ coef.T + intercept)
+    np.testing.assert_allclose(res.probs, np.exp(want), atol=1e-6)
+    assert pd.read_csv(subs / "s.csv")["label"].tolist() == want.argmax(1).tolist()

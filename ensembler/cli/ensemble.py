@@ -29,8 +29,9 @@ def register(sub) -> None:
     add_registry_arg(p)
     p.add_argument("--oof", nargs="+", action="extend", default=[], metavar="FILE",
                    help="raw OOF .npz files (ids, logits, labels, folds), each a member named by its file stem")
-    p.add_argument("--method", choices=("caruana", "scipy"), default="caruana",
-                   help="caruana: greedy selection with replacement; scipy: simplex weights minimising log-loss")
+    p.add_argument("--method", choices=("caruana", "scipy", "stack"), default="caruana",
+                   help="caruana: greedy selection with replacement; scipy: simplex weights minimising log-loss; "
+                        "stack: multinomial logistic regression on the members' log-probabilities, C by inner CV")
     p.add_argument("--metric", choices=("f1", "acc", "logloss"), default="f1",
                    help="metric Caruana selects for, class biases maximise and the honest score reports")
     p.add_argument("--rounds", type=int, default=50, help="Caruana rounds (default 50)")
@@ -91,7 +92,7 @@ def _print_table(result, args) -> None:
 
     r = result.recipe
     title = (f"tune-weights: {(result.tuned_recipe or r).method}, metric {r.metric}, "
-             f"{len(r.members)} members, {r.scores.get('rows')} OOF rows" + (", temperatures" if args.temperature else "")
+             f"{len(r.members)} members, {r.scores.get('rows')} OOF rows" + (", temperatures" if args.temperature and args.method != "stack" else "")
              + (", class biases" if (result.tuned_recipe or r).class_biases is not None else ""))
     table = Table(title=title, title_justify="left")
     honest_col = f"honest {r.metric} (folds)"

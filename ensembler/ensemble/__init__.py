@@ -29,6 +29,7 @@ from .blend import (
     scipy_weights,
 )
 from .choice import Candidate, Decision, choose
+from .stacking import StackFit, fit_stack
 from .tuning import TuneResult, honest_score, temperature_at_bound, tune_weights
 from .voting import VOTE_RULES, VoteResult, check_weights, stack_member_logits, tie_rate, vote
 
@@ -43,6 +44,7 @@ __all__ = [
     "Decision",
     "Member",
     "Recipe",
+    "StackFit",
     "RecipeError",
     "RecipeMember",
     "TemperatureFit",
@@ -57,6 +59,7 @@ __all__ = [
     "choose",
     "compose_members",
     "fit_blend",
+    "fit_stack",
     "fit_class_biases",
     "fit_temperature",
     "honest_score",

@@ -16,6 +16,11 @@
      whatever ``metric`` is: macro-F1 and accuracy are piecewise constant in the weights,
      so a gradient method cannot follow them (Caruana and the class biases can).
 
+   - ``stack``: a multinomial logistic regression on the members' log-probabilities
+     (:mod:`ensembler.ensemble.stacking`), its regularisation chosen by inner CV over the
+     rows' OOF folds; no temperatures (the regression scales each member itself). The
+     members' "weights" are their shares of the absolute coefficients.
+
 3. **Class biases** (optional): per-class additive biases on the blend's log-probabilities,
    by coordinate ascent on macro-F1 (or accuracy) over a grid, a few sweeps, starting from
    zero; kept only if they improve the score on the rows they were tuned on.
@@ -32,8 +37,9 @@ import numpy as np
 
 from ..metrics import log_loss
 from .calibration import fit_temperature
+from .stacking import DEFAULT_CS, StackFit, fit_stack
 
-METHODS = ("caruana", "scipy")
+METHODS = ("caruana", "scipy", "stack")
 METRICS = ("f1", "acc", "logloss")
 DEFAULT_BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 10)
 _EPS = 1e-15
@@ -294,6 +300,7 @@ class BlendFit:
     caruana: CaruanaResult | None = None
     timings: dict = field(default_factory=dict)
     no_signal: dict = field(default_factory=dict)  # member index -> (calibrated NLL, class-prior NLL)
+    stack: "StackFit | None" = None  # method "stack": the fitted regression
 
 
 def class_prior_nll(labels, num_classes: int) -> float:
@@ -325,7 +332,8 @@ def no_signal_members(logits: np.ndarray, labels, temperatures: np.ndarray | Non
 
 
 def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: str = "f1", rounds: int = 50,
-              temperature: bool = True, class_bias: bool = False, bias_grid=None, sweeps: int = 3) -> BlendFit:
+              temperature: bool = True, class_bias: bool = False, bias_grid=None, sweeps: int = 3,
+              folds=None, stack_cs=DEFAULT_CS) -> BlendFit:
     """Temperatures, weights and class biases on the given rows (one tuning, no CV).
 
     Parameters
@@ -333,6 +341,10 @@ def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: st
     logits : array (M, N, C)
     labels : array (N,)
     method, metric, rounds, temperature, class_bias : see :func:`tune_weights`.
+    folds : array (N,), optional
+        The rows' OOF folds: ``stack`` chooses its regularisation by inner CV over them.
+    stack_cs : sequence of float
+        ``stack``: the inverse L2 strengths its inner CV tries.
     """
     check_method(method)
     check_metric(metric)
@@ -341,6 +353,8 @@ def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: st
     y = np.asarray(labels, dtype=np.int64)
     m = logits.shape[0]
     timings = {}
+    if method == "stack":
+        return _fit_stack_blend(logits, y, folds, stack_cs, metric, class_bias, bias_grid, sweeps)
     t0 = time.perf_counter()
     temps = np.array([fit_temperature(logits[i], y) for i in range(m)]) if temperature else np.ones(m)
     timings["temperature_s"] = time.perf_counter() - t0
@@ -376,6 +390,19 @@ def fit_blend(logits: np.ndarray, labels, *, method: str = "caruana", metric: st
         timings["class_bias_s"] = time.perf_counter() - t0
     return BlendFit(temps, weights, biases, car, timings, silent)
 
+
+def _fit_stack_blend(logits, y, folds, stack_cs, metric, class_bias, bias_grid, sweeps) -> BlendFit:
+    m = logits.shape[0]
+    t0 = time.perf_counter()
+    stack = fit_stack(logits, y, folds, Cs=stack_cs)
+    timings = {"stack_s": time.perf_counter() - t0}
+    biases = None
+    if class_bias:
+        t0 = time.perf_counter()
+        b = fit_class_biases(np.maximum(stack.log_proba(logits), -1e300), y, metric, bias_grid, sweeps)
+        biases = b if np.any(b != 0) else None
+        timings["class_bias_s"] = time.perf_counter() - t0
+    return BlendFit(np.ones(m), stack.member_weights(), biases, None, timings, {}, stack)
 
 
 def check_method(method):

@@ -13,10 +13,18 @@ Applying a recipe (:meth:`Recipe.apply`)::
     probs    = vote(scaled, rule, weights).probs              # e.g. weighted mean of softmax
     logp     = log(probs) + class_biases                      # when biases were tuned
     pred     = argmax(logp);  probs = softmax(logp)
+
+A *stacked* recipe (``vote="stack"``, from ``tune-weights --method stack``) holds a
+multinomial logistic regression instead of weights (``stack``: ``coef`` (C, M*C),
+``intercept`` (C,), the ``classes`` it was fitted on, its ``C``); every member is used::
+
+    logp = log_softmax(features(logits) @ coef.T + intercept) + class_biases
+    # features: each member's log_softmax floored at log(1e-8), side by side (ensemble.stacking)
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -33,6 +41,7 @@ from ..errors import EnsemblerError, LogitError
 from ..labels import joint_from_factor_logprobs
 from ..metrics import log_softmax
 from .members import MEMBER_KINDS
+from .stacking import stack_features, stack_log_proba
 from .voting import VOTE_RULES, vote
 
 RECIPE_VERSION = 1
@@ -43,6 +52,8 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 # composed member records its parts'; composed from raw OOF files it has none, and predict
 # refuses it).
 _WEIGHTS_KINDS = ("family", "checkpoint")
+#: What a recipe may combine its members with: the vote rules, or a fitted stack.
+RECIPE_RULES = VOTE_RULES + ("stack",)
 
 
 class RecipeError(EnsemblerError, ValueError):
@@ -98,6 +109,9 @@ class Recipe:
     scores : dict
         ``{"in_sample": {"f1", "acc", "logloss"}, "honest": {"metric", "mean", "per_fold",
         "pooled": {...}} or None}``.
+    stack : dict or None
+        ``vote="stack"`` only: ``{"coef", "intercept", "classes", "C", ...}``
+        (:meth:`ensembler.ensemble.stacking.StackFit.to_dict`).
     created : str
         ISO time (left out of :meth:`hash`).
 
@@ -119,6 +133,7 @@ class Recipe:
     scores: dict = field(default_factory=dict)
     created: str = ""
     version: int = RECIPE_VERSION
+    stack: dict | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "members", tuple(self.members))
@@ -146,12 +161,14 @@ class Recipe:
     @property
     def active_members(self) -> list[RecipeMember]:
         """Members whose logits the recipe needs: weight > 0 (all members for ``hard``/``soft``
-        without weights it is the same). ``predict`` runs only these models."""
+        without weights it is the same; every member of a stack). ``predict`` runs only these models."""
+        if self.vote == "stack":
+            return list(self.members)
         return [m for m in self.members if m.weight > 0]
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": self.version,
             "vote": self.vote,
             "metric": self.metric,
@@ -161,6 +178,9 @@ class Recipe:
             "scores": self.scores,
             "created": self.created,
         }
+        if self.stack is not None:
+            d["stack"] = copy.deepcopy(dict(self.stack))  # a caller's edit must not reach the frozen recipe
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> "Recipe":
@@ -173,7 +193,7 @@ class Recipe:
         )
         return cls(members=members, vote=d["vote"], class_biases=d.get("class_biases"), metric=d["metric"],
                    method=d.get("method"), scores=dict(d.get("scores") or {}), created=d.get("created", ""),
-                   version=int(d["version"]))
+                   version=int(d["version"]), stack=d.get("stack"))
 
     def save(self, path) -> Path:
         """Write the recipe as JSON atomically (a crash leaves the old file or the new one)."""
@@ -246,6 +266,12 @@ class Recipe:
         """
         active = self.active_members
         zs = [z / m.temperature for z, m in zip(self.member_logits(logits), active)]
+        if self.vote == "stack":
+            st = self.stack
+            logp = stack_log_proba(stack_features(np.stack(zs)), st["coef"], st["intercept"], st["classes"])
+            if self.class_biases is not None:
+                logp = logp + np.asarray(self.class_biases)
+            return logp.argmax(axis=1).astype(np.int64), np.exp(log_softmax(np.maximum(logp, -1e300)))
         weights = None if self.vote in ("soft",) else [m.weight for m in active]
         res = vote(zs, self.vote, weights=weights, names=[m.name for m in active])
         if self.class_biases is None:
@@ -282,8 +308,8 @@ def _validate(d: Any, source: str) -> None:
             bad(key, "is missing")
     if d["version"] != RECIPE_VERSION:
         bad("version", f"is {d['version']!r}; this ensembler reads version {RECIPE_VERSION}")
-    if d["vote"] not in VOTE_RULES:
-        bad("vote", f"is {d['vote']!r}; expected one of {list(VOTE_RULES)}")
+    if d["vote"] not in RECIPE_RULES:
+        bad("vote", f"is {d['vote']!r}; expected one of {list(RECIPE_RULES)}")
     if d["metric"] not in ("f1", "acc", "logloss"):
         bad("metric", f"is {d['metric']!r}; expected f1, acc or logloss")
     members = d["members"]
@@ -339,6 +365,39 @@ def _validate(d: Any, source: str) -> None:
             bad("class_biases", f"must be {len(members[0]['classes'])} finite numbers, got {biases!r}")
     if not isinstance(d.get("scores", {}), Mapping):
         bad("scores", "must be an object")
+    _validate_stack(d, bad)
+
+
+def _validate_stack(d: Mapping, bad) -> None:
+    """A stack's shapes: coef (C, M*C), intercept (C,), classes a subset of 0..C-1, finite numbers."""
+    st = d.get("stack")
+    if d["vote"] != "stack":
+        if st is not None:
+            bad("stack", f"is given but the vote rule is {d['vote']!r}; a stack needs vote 'stack'")
+        return
+    if not isinstance(st, Mapping):
+        bad("stack", "is missing: vote 'stack' needs the fitted regression (coef, intercept, classes)")
+    c = len(d["members"][0]["classes"])
+    m = len(d["members"])
+    for key in ("coef", "intercept", "classes"):
+        if key not in st:
+            bad(f"stack.{key}", "is missing")
+    try:
+        coef = np.asarray(st["coef"], dtype=np.float64)
+        intercept = np.asarray(st["intercept"], dtype=np.float64)
+    except (TypeError, ValueError):
+        bad("stack.coef", "must be numbers")
+    if coef.shape != (c, m * c):
+        bad("stack.coef", f"has shape {coef.shape}; {m} member(s) of {c} classes need ({c}, {m * c})")
+    if intercept.shape != (c,):
+        bad("stack.intercept", f"has shape {intercept.shape}; expected ({c},)")
+    if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
+        bad("stack.coef", "must be finite numbers (NaN or inf found in coef or intercept)")
+    classes = st["classes"]
+    if (not isinstance(classes, (list, tuple)) or len(classes) < 2
+            or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < c for k in classes)
+            or len(set(classes)) != len(classes)):
+        bad("stack.classes", f"must be at least two distinct class indices in 0..{c - 1}, got {classes!r}")
 
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

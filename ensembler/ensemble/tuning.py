@@ -22,6 +22,7 @@ from ..errors import LogitError
 from ..metrics import classification_scores, per_class_f1
 from .blend import (BlendFit, check_bias_metric, check_method, check_metric, check_rounds, fit_blend)
 from .calibration import DEFAULT_T_BOUNDS, TemperatureFit, calibrate
+from .stacking import DEFAULT_CS
 from .choice import Candidate, Decision, choose
 from .members import Member, align_members
 from .recipe import Recipe, RecipeMember
@@ -131,13 +132,16 @@ def _recipe_from_fit(names, member_info, classes, fit: BlendFit, metric, method,
             parts=info.parts if info else (),
         ))
     biases = None if fit.class_biases is None else tuple(float(b) for b in fit.class_biases)
+    if fit.stack is not None:
+        return Recipe(members=tuple(rm), vote="stack", class_biases=biases, metric=metric, method=method,
+                      scores=scores or {}, stack=fit.stack.to_dict())
     return Recipe(members=tuple(rm), vote="weighted", class_biases=biases, metric=metric, method=method,
                   scores=scores or {})
 
 
 def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | None = None, method: str = "caruana",
                  metric: str = "f1", rounds: int = 50, temperature: bool = True, class_bias: bool = False,
-                 honest: bool = True, bias_grid=None, sweeps: int = 3,
+                 honest: bool = True, bias_grid=None, sweeps: int = 3, stack_cs=DEFAULT_CS,
                  progress: Callable[[str], None] | None = None) -> TuneResult:
     """Tune an ensemble on OOF logits and score it in-sample and honestly.
 
@@ -149,14 +153,18 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     labels : array (N,), optional
     folds : array (N,), optional
         OOF fold of each row; the honest score holds each fold out in turn.
-    method : {"caruana", "scipy"}
+    method : {"caruana", "scipy", "stack"}
+        ``stack``: a multinomial logistic regression on the members' log-probabilities
+        (:mod:`ensembler.ensemble.stacking`), its ``C`` chosen by inner CV over the OOF
+        folds of the rows it is fitted on (inside each honest fold: the remaining folds).
     metric : {"f1", "acc", "logloss"}
         What Caruana selects for, the class biases maximise (f1/acc), and the honest score
-        reports. ``scipy`` always minimises log-loss (see the module docstring).
+        reports. ``scipy`` and ``stack`` always minimise log-loss (see the module docstring).
     rounds : int, default 50
         Caruana rounds.
     temperature : bool, default True
-        Fit a temperature per member before blending.
+        Fit a temperature per member before blending (not for ``stack``: the regression
+        scales each member itself).
     class_bias : bool, default False
         Tune per-class biases on the blend's log-probabilities (needs metric f1 or acc).
     honest : bool, default True
@@ -213,7 +221,7 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     classes = tuple(info[0].label_space.classes) if info and info[0].label_space is not None else tuple(
         str(i) for i in range(c))
     kw = dict(method=method, metric=metric, rounds=rounds, temperature=temperature, class_bias=class_bias,
-              bias_grid=bias_grid, sweeps=sweeps)
+              bias_grid=bias_grid, sweeps=sweeps, stack_cs=stack_cs)
     say = progress or (lambda msg: None)
     timings: dict = {}
 
@@ -240,7 +248,7 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     # -------- in-sample tuning on every row
     say(f"tuning on all {n} OOF rows")
     t0 = time.perf_counter()
-    fit = fit_blend(logits, y, **kw)
+    fit = fit_blend(logits, y, folds=folds, **kw)
     timings["tune_s"] = time.perf_counter() - t0
     tuned_recipe = _recipe_from_fit(names, info, classes, fit, metric, method)
     pred, probs = tuned_recipe.apply(dict(zip(names, logits)))
@@ -275,8 +283,8 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     bounds = DEFAULT_T_BOUNDS
     for i, r in enumerate(rows[:m]):
         r["weight"] = float(fit.weights[i])
-        r["temperature"] = float(fit.temperatures[i])
-        r["t_at_bound"] = bool(temperature and temperature_at_bound(fit.temperatures[i], bounds))
+        r["temperature"] = float(fit.temperatures[i]) if fit.stack is None else None
+        r["t_at_bound"] = bool(temperature and fit.stack is None and temperature_at_bound(fit.temperatures[i], bounds))
         notes = []
         if i in fit.no_signal:
             nll, prior = fit.no_signal[i]
@@ -286,7 +294,11 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
             notes.append(f"T at its search bound {fit.temperatures[i]:.3g}: calibrated, this member's "
                          "probabilities are near-flat (little signal)")
         r["note"] = "; ".join(notes) or None
-    rows.append(_row(f"tuned {method} (in-sample)", "tuned", in_sample, note="flattered: tuned on these rows"))
+    note = "flattered: tuned on these rows"
+    if fit.stack is not None:
+        note += (f"; logistic regression C={fit.stack.C:g} ({fit.stack.c_chosen_by}); weight = share of |coef|"
+                 + ("" if fit.stack.converged else "; did not converge"))
+    rows.append(_row(f"tuned {method} (in-sample)", "tuned", in_sample, note=note))
     if honest_res is not None:
         rows.append(_row(f"tuned {method} (honest, {len(fold_values)}-fold)", "honest", honest_res["pooled"],
                          note=f"fold mean {metric} {honest_res['mean']:.4f}"))
@@ -335,7 +347,7 @@ def honest_score(logits: np.ndarray, labels, folds, *, names, member_info=(), cl
     for f in np.unique(folds):
         test = folds == f
         say(f"honest score: tuning without fold {f} ({int(test.sum())} rows held out)")
-        fit_f = fit_blend(logits[:, ~test], y[~test], **fit_kw)
+        fit_f = fit_blend(logits[:, ~test], y[~test], folds=np.asarray(folds)[~test], **fit_kw)
         rec_f = _recipe_from_fit(names, member_info, classes, fit_f, metric, method)
         test_logits = dict(zip(names, logits[:, test]))
         _, probs_f = rec_f.apply(test_logits)
