@@ -35,3 +35,20 @@ class IntegrityError(RegistryError):
 
 class LogitError(EnsemblerError, ValueError):
     """Logits that cannot be used: NaN, wrong class count, ids that do not match."""
+
+
+class ParameterError(EnsemblerError, ValueError):
+    """A bad value for a parameter of a library call (a vote rule, weights, a temperature...).
+
+    ``parameter`` names it as the Python API spells it (the CLI flag is its ``--dashed``
+    form); the message names it too, so a Python caller and a CLI user both know what to fix.
+
+    >>> raise ParameterError("rounds", "rounds must be a positive integer, got 0")
+    Traceback (most recent call last):
+    ...
+    ensembler.errors.ParameterError: rounds must be a positive integer, got 0
+    """
+
+    def __init__(self, parameter: str, message: str):
+        self.parameter = parameter
+        super().__init__(message)

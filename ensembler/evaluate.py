@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import DataError, EnsemblerError, LogitError
 from .logits import few, read_logits_set
+from .names import member_names
 from .predict import predict
 
 __all__ = ["EvaluationResult", "evaluate", "load_logits_file", "plot_confusion_matrix", "per_class_table"]
@@ -109,7 +110,7 @@ def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: 
         info = {"classes": classes, "members": {m.name: m.logits}, "tie_rate": None, "rule": None}
         return m.ids, np.asarray(m.logits, dtype=np.float64), m.labels, info
     if members not in (None, "all"):
-        want = [s.strip() for s in members.split(",")] if isinstance(members, str) else list(members)
+        want = member_names(members, all_names=lambda: list(loaded))
         unknown = [n for n in want if n not in loaded]
         if unknown:
             raise LogitError(f"logits file {path} has no member(s) {unknown}; it holds {names}")
@@ -121,7 +122,7 @@ def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: 
     ref = loaded[names[0]]
     try:
         res = vote_fn(arrays, vote, weights=weights, names=names)
-    except ValueError as exc:
+    except LogitError as exc:  # the file's logits: say which file (a bad vote/weights passes as it is)
         raise LogitError(f"logits file {path}: {exc}") from None
     classes = spaces.pop()
     info = {"classes": list(classes) if classes is not None else None, "members": arrays,

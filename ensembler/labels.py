@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, LogitError, ParameterError
+from .metrics import log_softmax
 
 MASK_FACTOR = ("wear", "incorrect", "not_wear")
 GENDER_FACTOR = ("male", "female")
@@ -32,9 +33,9 @@ class Factor:
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if len(self.classes) < 2:
-            raise ValueError(f"factor {self.name!r} needs at least 2 classes, got {list(self.classes)}")
+            raise ParameterError("classes", f"factor {self.name!r} needs at least 2 classes, got {list(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"factor {self.name!r} has duplicate class names: {list(self.classes)}")
+            raise ParameterError("classes", f"factor {self.name!r} has duplicate class names: {list(self.classes)}")
 
     @property
     def size(self) -> int:
@@ -71,15 +72,15 @@ class LabelSpace:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         object.__setattr__(self, "factors", tuple(self.factors))
         if len(self.classes) < 2:
-            raise ValueError(f"a LabelSpace needs at least 2 classes, got {list(self.classes)}")
+            raise ParameterError("classes", f"a LabelSpace needs at least 2 classes, got {list(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
             dup = sorted({c for c in self.classes if self.classes.count(c) > 1})
-            raise ValueError(f"duplicate class names: {dup}")
+            raise ParameterError("classes", f"duplicate class names in classes: {dup}")
         if self.factors:
             expected = int(np.prod([f.size for f in self.factors]))
             if expected != len(self.classes):
-                raise ValueError(
-                    f"factors {[f.name for f in self.factors]} give {expected} classes, "
+                raise ParameterError(
+                    "factors", f"factors {[f.name for f in self.factors]} give {expected} classes, "
                     f"but {len(self.classes)} class names were given"
                 )
 
@@ -176,16 +177,6 @@ def age_band(age: int, age_bands: Sequence[int] = DEFAULT_AGE_BANDS) -> int:
     return 0 if age < lo else (1 if age < hi else 2)
 
 
-def _log_softmax(x, axis: int = -1):
-    """log-softmax for numpy arrays or torch tensors (torch stays in torch)."""
-    if hasattr(x, "log_softmax"):
-        return x.log_softmax(dim=axis)
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=axis, keepdims=True)
-    z = x - m
-    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
-
-
 def joint_from_factor_logprobs(factor_logprobs: Sequence):
     """Joint log-probs (N, prod k_i) from per-factor log-probs [(N, k_1), (N, k_2), ...].
 
@@ -202,8 +193,8 @@ def factored_to_joint_logprobs(outputs, factor_sizes: Sequence[int]):
     """Joint log-probs from a factored head's concatenated logits (N, sum k_i)."""
     blocks, start = [], 0
     for k in factor_sizes:
-        blocks.append(_log_softmax(outputs[:, start:start + k], axis=-1))
+        blocks.append(log_softmax(outputs[:, start:start + k], axis=-1))
         start += k
     if start != outputs.shape[1]:
-        raise ValueError(f"factored head has {outputs.shape[1]} outputs, factors need {start}")
+        raise LogitError(f"factored head has {outputs.shape[1]} outputs, factor_sizes {list(factor_sizes)} need {start}")
     return joint_from_factor_logprobs(blocks)

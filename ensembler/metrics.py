@@ -48,14 +48,34 @@ def accuracy(y_true, y_pred) -> float:
     return float((y_true == np.asarray(y_pred)).mean()) if len(y_true) else 0.0
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits, axis: int = -1):
+    """Numerically stable log-softmax along ``axis``: the project's one log-softmax.
+
+    numpy input (any shape) gives float64 numpy; a torch tensor stays in torch
+    (``tensor.log_softmax(dim=axis)``), so callers working on either need no branch.
+
+    Examples
+    --------
+    >>> lp = log_softmax(np.array([[0.0, 0.0], [1000.0, 0.0]]))
+    >>> np.exp(lp).round(3).tolist()
+    [[0.5, 0.5], [1.0, 0.0]]
+    >>> log_softmax(np.zeros((2, 3, 4))).shape  # members x rows x classes: the last axis
+    (2, 3, 4)
+    """
+    if hasattr(logits, "log_softmax"):
+        return logits.log_softmax(dim=axis)
     z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    return np.exp(log_softmax(logits))
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``exp(log_softmax(logits, axis))`` (float64).
+
+    >>> softmax(np.array([[0.0, np.log(3.0)]])).round(6).tolist()
+    [[0.25, 0.75]]
+    """
+    return np.exp(log_softmax(logits, axis))
 
 
 def log_loss(y_true, logits: np.ndarray) -> float:

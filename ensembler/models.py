@@ -124,11 +124,9 @@ def joint_log_probs(outputs, head: str, label_space):
     _check_outputs(outputs, head, ls)
     if head == "factored":
         return factored_to_joint_logprobs(outputs, ls.factor_sizes)
-    if hasattr(outputs, "log_softmax"):
-        return outputs.log_softmax(dim=-1)
     from .metrics import log_softmax
 
-    return log_softmax(outputs)
+    return log_softmax(outputs, axis=-1)  # torch stays in torch
 
 
 # ---------------------------------------------------------------------------- construction

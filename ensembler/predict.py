@@ -33,10 +33,9 @@ import numpy as np
 
 from .errors import DataError, EnsemblerError, LogitError
 from .labels import LabelSpace
+from .names import COMPOSE_SEP
 
 __all__ = ["PredictionResult", "predict"]
-
-COMPOSE_SEP = "+"
 
 
 # ============================================================================ result
@@ -210,12 +209,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
         weights_used = [m.weight for m in recipe.active_members]
     else:
         member_logits = {s: _member_joint_logits(s, parts_of[s], engine_out) for s in specs}
-        try:
-            res = vote_fn(member_logits, rule, weights=w, names=specs)
-        except ValueError as exc:
-            if isinstance(exc, EnsemblerError):
-                raise
-            raise LogitError(str(exc)) from None
+        res = vote_fn(member_logits, rule, weights=w, names=specs)  # LogitError / ParameterError
         pred, probs = res.pred, res.probs
         ties = res.tie_rate if rule == "hard" else None
         weights_used = None if w is None else [float(x) for x in w]
@@ -284,10 +278,7 @@ def _check_vote_weights(rule: str, weights, specs: Sequence[str]) -> np.ndarray 
         if rule == "weighted":
             raise EnsemblerError("--vote weighted needs --weights (one per member) or a --recipe")
         return None
-    try:
-        return check_weights(weights, len(specs), specs)
-    except ValueError as exc:
-        raise EnsemblerError(f"--weights: {exc}") from None
+    return check_weights(weights, len(specs), specs)  # ParameterError naming weights
 
 
 def _member_joint_logits(spec: str, parts: Sequence[str], engine_out: Mapping) -> np.ndarray:

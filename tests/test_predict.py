@@ -12,7 +12,7 @@ import torch
 from ensembler.cli import main
 from ensembler.data import SampleTable, load_source
 from ensembler.ensemble import Recipe, RecipeMember, vote
-from ensembler.errors import EnsemblerError, LogitError
+from ensembler.errors import EnsemblerError, LogitError, ParameterError
 from ensembler.infer import predict_members
 from ensembler.labels import LabelSpace, joint_from_factor_logprobs
 from ensembler.metrics import log_softmax
@@ -187,8 +187,9 @@ def test_bad_member_specs_and_weights_are_named(setup):
     table, reg, cache, _ = setup
     with pytest.raises(EnsemblerError, match="needs --weights"):
         predict(table, reg, vote="weighted", cache_dir=cache, progress=False)
-    with pytest.raises(EnsemblerError, match="--weights: weights has 1 entries but there are 2 members"):
+    with pytest.raises(ParameterError, match="weights has 1 entries but there are 2 members") as info:
         predict(table, reg, vote="weighted", weights=[1], cache_dir=cache, progress=False)
+    assert info.value.parameter == "weights"
     with pytest.raises(EnsemblerError, match="nope"):
         predict(table, reg, members="res,nope", cache_dir=cache, progress=False)
     with pytest.raises(EnsemblerError, match="--vote must be one of"):

@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import ParameterError
 from ..metrics import log_loss
+from ..names import TUNING_METHODS, TUNING_METRICS
 from .calibration import fit_temperature
 from .stacking import DEFAULT_CS, StackFit, fit_stack
 
-METHODS = ("caruana", "scipy", "stack")
-METRICS = ("f1", "acc", "logloss")
+METHODS = TUNING_METHODS
+METRICS = TUNING_METRICS
 DEFAULT_BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 10)
 _EPS = 1e-15
 
@@ -232,7 +234,7 @@ def fit_class_biases(log_probs, labels, metric: str = "f1", grid=None, sweeps: i
     True
     """
     if metric not in ("f1", "acc"):
-        raise ValueError(f"class biases tune decisions for metric 'f1' or 'acc', not {metric!r}")
+        raise ParameterError("metric", f"class biases tune decisions for metric 'f1' or 'acc', not {metric!r}")
     lp = np.asarray(log_probs, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     n, c = lp.shape
@@ -407,21 +409,21 @@ def _fit_stack_blend(logits, y, folds, stack_cs, metric, class_bias, bias_grid, 
 
 def check_method(method):
     if method not in METHODS:
-        raise ValueError(f"unknown tuning method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ParameterError("method", f"unknown tuning method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def check_metric(metric):
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        raise ParameterError("metric", f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
 def check_rounds(rounds) -> int:
     if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+        raise ParameterError("rounds", f"rounds must be a positive integer, got {rounds!r}")
     return int(rounds)
 
 
 def check_bias_metric(class_bias, metric):
     if class_bias and metric == "logloss":
-        raise ValueError("class biases tune argmax decisions for metric 'f1' or 'acc'; they are not "
-                         "fitted for log-loss (use --metric f1)")
+        raise ParameterError("class_bias", "class_bias: class biases tune argmax decisions for metric 'f1' or "
+                             "'acc'; they are not fitted for metric 'logloss' (use metric 'f1')")

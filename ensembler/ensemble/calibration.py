@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..errors import LogitError, ParameterError
 from ..metrics import expected_calibration_error
 
 DEFAULT_T_BOUNDS = (0.05, 20.0)
@@ -75,12 +76,12 @@ def fit_temperature(logits, labels, bounds=DEFAULT_T_BOUNDS, xatol: float = 1e-4
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if z.ndim != 2 or y.shape != (z.shape[0],):
-        raise ValueError(f"logits (N, C) and labels (N,) expected, got {z.shape} and {y.shape}")
+        raise LogitError(f"fit_temperature: logits (N, C) and labels (N,) expected, got {z.shape} and {y.shape}")
     if z.shape[0] == 0:
-        raise ValueError("cannot fit a temperature on zero rows")
+        raise LogitError("fit_temperature: cannot fit a temperature on zero rows")
     lo, hi = float(bounds[0]), float(bounds[1])
     if not 0 < lo < hi:
-        raise ValueError(f"temperature bounds must satisfy 0 < lo < hi, got {bounds}")
+        raise ParameterError("bounds", f"temperature bounds must satisfy 0 < lo < hi, got {bounds}")
     true_logit = z[np.arange(len(y)), y]
     res = minimize_scalar(
         lambda log_t: _nll(z, true_logit, float(np.exp(log_t))),
@@ -94,7 +95,7 @@ def fit_temperature(logits, labels, bounds=DEFAULT_T_BOUNDS, xatol: float = 1e-4
 def apply_temperature(logits, temperature: float) -> np.ndarray:
     """``logits / temperature`` (float64); the argmax of every row is unchanged."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise ParameterError("temperature", f"temperature must be positive, got {temperature}")
     return np.asarray(logits, dtype=np.float64) / float(temperature)
 
 

@@ -39,6 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import ParameterError
+
 #: Rungs of the ladder, cheapest first.
 LADDER = ("member", "vote", "tuned", "tuned+bias")
 
@@ -123,10 +125,10 @@ def choose(simple: Sequence[Candidate], tuned: Sequence[Candidate], metric: str)
     rungs: dict[str, list[Candidate]] = {r: [] for r in LADDER}
     for c in list(simple) + list(tuned):
         if c.rung not in rungs:
-            raise ValueError(f"candidate {c.name!r} has unknown kind {c.kind!r}")
+            raise ParameterError("simple", f"candidate {c.name!r} has unknown kind {c.kind!r}")
         rungs[c.rung].append(c)
     if not rungs["member"]:
-        raise ValueError("choose() needs at least one single-member candidate")
+        raise ParameterError("simple", "choose() needs at least one single-member candidate in simple")
     if not all(c.per_fold for c in list(simple) + list(tuned)) or len(rungs["member"][0].per_fold) < 2:
         top = (rungs["tuned+bias"] or rungs["tuned"] or rungs["vote"] or rungs["member"])[0]
         return Decision(top.name, top.kind, "unchecked: no honest score (fewer than two OOF folds, or "

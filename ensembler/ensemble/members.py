@@ -25,10 +25,10 @@ from ..errors import LogitError
 from ..labels import LabelSpace, joint_from_factor_logprobs
 from ..logits import Logits, few, read_logits
 from ..metrics import log_softmax
+from ..names import ALL_MEMBERS, COMPOSE_SEP, member_names
 
 MEMBER_KINDS = ("family", "checkpoint", "composed", "file")
 OOF_ARRAYS = ("ids", "logits", "labels", "folds")
-COMPOSE_SEP = "+"
 
 #: An ensemble member is a :class:`~ensembler.logits.Logits`; the name stays for readers of the ensemble code.
 Member = Logits
@@ -305,7 +305,8 @@ def load_members(specs: Sequence[str] | str | None = None, *, registry=None, oof
     specs : "all", list of names, or None
         Family names, checkpoint ids, OOF file stems, or compositions ``a+b+c`` of per-factor
         members. ``None`` means every ``oof_files`` member when files are given, else ``"all"``.
-        ``"all"`` is every registry family with OOF logits plus every file.
+        ``"all"`` is every file plus every registry family with OOF logits. Names follow
+        :func:`ensembler.names.member_names` (a name given twice is a ``ParameterError``).
     registry : str, Path or Registry, optional
     oof_files : sequence of paths
         Raw OOF ``.npz`` files, each a member named by its file stem.
@@ -320,18 +321,18 @@ def load_members(specs: Sequence[str] | str | None = None, *, registry=None, oof
         if m.name in files:
             raise LogitError(f"two OOF files share the member name {m.name!r}: {files[m.name].source} and {f}")
         files[m.name] = m
-    if isinstance(specs, str):
-        specs = [s for s in specs.split(",") if s.strip()]
-    if specs is None:
-        specs = list(files) if files else ["all"]
-    specs = [s.strip() for s in specs]
     resolved: dict[str, Member] = dict(files)
+
+    def every_member() -> list[str]:  # what "all" means here: the files, then every family with OOF logits
+        families = [m for m in registry_members(registry, "all") if m.name not in files]
+        for m in families:
+            resolved.setdefault(m.name, m)
+        return list(files) + [m.name for m in families]
+
+    if specs is None:
+        specs = list(files) if files else ALL_MEMBERS
     members: list[Member] = []
-    for spec in specs:
-        if spec == "all":
-            members.extend(files.values())
-            members.extend(m for m in registry_members(registry, "all") if m.name not in files)
-            continue
+    for spec in member_names(specs, all_names=every_member):  # the one rule: "all", commas, twice = error
         atoms = spec.split(COMPOSE_SEP)
         for atom in atoms:
             if atom not in resolved:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import LogitError, ParameterError
 from ..metrics import log_softmax
 
 #: Inverse L2 strengths tried by the inner CV.
@@ -55,7 +56,7 @@ def stack_features(logits) -> np.ndarray:
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 3:
-        raise ValueError(f"member logits must be (M, N, C), got shape {z.shape}")
+        raise LogitError(f"member logits must be (M, N, C), got shape {z.shape}")
     m, n, c = z.shape
     lp = np.maximum(log_softmax(z.transpose(1, 0, 2).reshape(n * m, c)), LOG_FLOOR)  # rows: (sample, member)
     return np.ascontiguousarray(lp.reshape(n, m * c))
@@ -173,10 +174,10 @@ def fit_stack(logits, labels, folds=None, *, Cs=DEFAULT_CS) -> StackFit:
     y = np.asarray(labels, dtype=np.int64)
     cs = sorted({float(v) for v in Cs})
     if not cs or any(not np.isfinite(v) or v <= 0 for v in cs):
-        raise ValueError(f"stacking needs positive finite C values, got {list(Cs)!r}")
+        raise ParameterError("Cs", f"stacking needs positive finite Cs values, got {list(Cs)!r}")
     present = np.unique(y)
     if len(present) < 2:
-        raise ValueError(f"stacking needs rows of at least two classes, got only class {present.tolist()}")
+        raise LogitError(f"stacking needs rows of at least two classes, got only class {present.tolist()}")
     x = stack_features(z)
     fold_values = np.unique(folds) if folds is not None else np.array([])
     cv: dict = {}

@@ -97,10 +97,7 @@ def _as_members(members, labels, folds, names) -> tuple[list[str], np.ndarray, n
         names = [f"member{i}" for i in range(len(arrays))] if names is None else list(names)
     from .voting import stack_member_logits
 
-    try:
-        stacked, names = stack_member_logits(arrays, names)
-    except ValueError as exc:
-        raise LogitError(str(exc)) from None
+    stacked, names = stack_member_logits(arrays, names)  # LogitError / ParameterError naming what is wrong
     bad = [n for n, a in zip(names, stacked) if not np.all(np.isfinite(a))]
     if bad:
         raise LogitError(f"non-finite logits (NaN or inf) in member(s) {', '.join(map(repr, bad))}")

@@ -23,6 +23,10 @@ Rules
     renormalised. Taken on log-softmax, never on raw logits, so it cannot give NaN.
 ``logits``
     The (weighted) mean of the raw logits, then a softmax.
+
+Errors: a bad ``rule``, ``weights`` or ``names`` is a :class:`~ensembler.errors.ParameterError`
+naming the parameter; logits that cannot be combined (shapes, NaN) are a
+:class:`~ensembler.errors.LogitError` naming the member. Both subclass ``ValueError``.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..errors import LogitError, ParameterError
 from ..metrics import log_softmax
-
-VOTE_RULES = ("hard", "soft", "weighted", "gmean", "logits")
+from ..names import VOTE_RULES
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,11 @@ def stack_member_logits(member_logits, names: Sequence[str] | None = None) -> tu
 
     Raises
     ------
-    ValueError
-        No members, a member that is not 2-D, or members whose row/class counts differ
-        (the message names the members).
+    ParameterError
+        No members, or as many names as members.
+    LogitError
+        A member that is not 2-D, or members whose row/class counts differ (the message
+        names the members).
     """
     if isinstance(member_logits, Mapping):
         names = list(member_logits) if names is None else list(names)
@@ -89,24 +95,24 @@ def stack_member_logits(member_logits, names: Sequence[str] | None = None) -> tu
     else:
         arrays = [np.asarray(a) for a in member_logits]
     if not arrays:
-        raise ValueError("a vote needs at least one member; got none")
+        raise ParameterError("member_logits", "a vote needs at least one member (member_logits is empty)")
     if names is None:
         names = [f"member{i}" for i in range(len(arrays))]
     names = [str(n) for n in names]
     if len(names) != len(arrays):
-        raise ValueError(f"{len(names)} names given for {len(arrays)} members")
+        raise ParameterError("names", f"{len(names)} names given for {len(arrays)} members")
     for name, a in zip(names, arrays):
         if a.ndim != 2:
-            raise ValueError(f"member {name!r}: logits must be 2-D (N, C), got shape {a.shape}")
+            raise LogitError(f"member {name!r}: logits must be 2-D (N, C), got shape {a.shape}")
     ref_name, ref = names[0], arrays[0]
     for name, a in zip(names[1:], arrays[1:]):
         if a.shape[1] != ref.shape[1]:
-            raise ValueError(
+            raise LogitError(
                 f"class-count mismatch: member {ref_name!r} has {ref.shape[1]} classes, "
                 f"member {name!r} has {a.shape[1]}"
             )
         if a.shape[0] != ref.shape[0]:
-            raise ValueError(
+            raise LogitError(
                 f"row-count mismatch: member {ref_name!r} has {ref.shape[0]} rows, member {name!r} has {a.shape[0]}"
             )
     if isinstance(member_logits, np.ndarray) and member_logits.ndim == 3:
@@ -124,36 +130,36 @@ def check_weights(weights, n_members: int, names: Sequence[str] | None = None) -
     w = np.asarray(weights, dtype=np.float64).ravel()
     if w.shape[0] != n_members:
         who = f" ({', '.join(map(str, names))})" if names is not None else ""
-        raise ValueError(f"weights has {w.shape[0]} entries but there are {n_members} members{who}")
+        raise ParameterError("weights", f"weights has {w.shape[0]} entries but there are {n_members} members{who}")
     if not np.all(np.isfinite(w)):
-        raise ValueError(f"weights must be finite, got {w.tolist()}")
+        raise ParameterError("weights", f"weights must be finite, got {w.tolist()}")
     if np.any(w < 0):
-        raise ValueError(f"weights must be non-negative, got {w.tolist()}")
+        raise ParameterError("weights", f"weights must be non-negative, got {w.tolist()}")
     if not np.any(w > 0):
-        raise ValueError("weights are all zero: at least one member needs a positive weight")
+        raise ParameterError("weights", "weights are all zero: at least one member needs a positive weight")
     return w
 
 
 def member_probabilities(stacked_logits: np.ndarray) -> np.ndarray:
     """Softmax of each member's logits, ``(M, N, C)`` -> ``(M, N, C)`` float64."""
-    return np.exp(_log_softmax_last(stacked_logits))
-
-
-def _log_softmax_last(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    z = x - x.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return np.exp(log_softmax(stacked_logits, axis=-1))
 
 
 def tie_rate(scores: np.ndarray) -> float:
-    """Fraction of rows whose top score is shared (exactly) by two or more classes.
+    """Fraction of rows whose top score is shared by two or more classes: the project's one tie rule.
 
-    The vote's argmax resolves each such tie to the smallest class index.
+    A tie is **exact** equality with the row's maximum, which is exactly when ``argmax`` has
+    to choose (it takes the first maximum: the smallest class index). Near-equal scores are
+    not ties: ``argmax`` decides them by the larger value, deterministically. Hard-vote counts
+    are sums of member weights in member order, so equal counts are equal bit for bit
+    (:func:`hard_vote_counts`); dividing every count of a row by the same total keeps them equal.
 
     Examples
     --------
     >>> tie_rate(np.array([[1.0, 1.0, 0.0], [0.2, 0.5, 0.3]]))
     0.5
+    >>> tie_rate(np.array([[0.5, 0.5 + 1e-12]]))  # near-equal: argmax is not choosing
+    0.0
     """
     if scores.shape[0] == 0:
         return 0.0
@@ -207,18 +213,18 @@ def vote(member_logits, rule: str = "soft", weights=None, names: Sequence[str] |
     [0, 1]
     """
     if rule not in VOTE_RULES:
-        raise ValueError(f"unknown vote rule {rule!r}; choose one of {', '.join(VOTE_RULES)}")
+        raise ParameterError("rule", f"unknown vote rule {rule!r}; choose one of {', '.join(VOTE_RULES)}")
     stacked, names = stack_member_logits(member_logits, names)
     w = check_weights(weights, stacked.shape[0], names)
     if rule == "weighted" and w is None:
-        raise ValueError("vote rule 'weighted' needs weights (use 'soft' for a uniform mean)")
+        raise ParameterError("weights", "vote rule 'weighted' needs weights (use 'soft' for a uniform mean)")
     with np.errstate(over="ignore"):
         overflows = w is not None and not np.isfinite(w.sum())
     if overflows:
         w = w / w.max()  # huge finite weights (1e308 each) overflow their sum; only ratios matter
     if not np.all(np.isfinite(stacked)):
         bad = [n for n, a in zip(names, stacked) if not np.all(np.isfinite(a))]
-        raise ValueError(f"non-finite logits (NaN or inf) in member(s) {', '.join(map(repr, bad))}")
+        raise LogitError(f"non-finite logits (NaN or inf) in member(s) {', '.join(map(repr, bad))}")
     num_classes = stacked.shape[2]
 
     if rule == "hard":
@@ -230,7 +236,7 @@ def vote(member_logits, rule: str = "soft", weights=None, names: Sequence[str] |
     if rule in ("soft", "weighted"):
         probs = np.average(member_probabilities(stacked), axis=0, weights=w)
     elif rule == "gmean":
-        probs = np.exp(log_softmax(np.average(_log_softmax_last(stacked), axis=0, weights=w)))
+        probs = np.exp(log_softmax(np.average(log_softmax(stacked, axis=-1), axis=0, weights=w)))
     else:  # logits
         probs = np.exp(log_softmax(np.average(np.asarray(stacked, dtype=np.float64), axis=0, weights=w)))
     return VoteResult(probs.argmax(axis=1).astype(np.int64), probs, tie_rate(probs), rule)

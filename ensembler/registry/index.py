@@ -17,6 +17,7 @@ from .._io import write_json_atomic
 from ..errors import EnsemblerError, RegistryError
 from ..labels import LabelSpace
 from ..logits import sidecar_path
+from ..names import member_names
 from ..preprocess import Preprocess
 from .entry import FROZEN_FIELDS, INDEX_NAME, INDEX_VERSION, Entry, check_name, resolve_root
 from .outside import import_checkpoint
@@ -171,27 +172,18 @@ class Registry:
     def member_names(self, names: str | Iterable[str]) -> list[str]:
         """Ensemble member names in order: ``"all"`` becomes every family; commas split a string.
 
-        Names are not looked up here (a composition ``a+b+c`` stays one name); a name given
-        twice, or nothing at all, is an :class:`EnsemblerError`.
+        The rule of :func:`ensembler.names.member_names` (names are not looked up here; a
+        composition ``a+b+c`` stays one name; a name given twice, or nothing at all, is a
+        :class:`~ensembler.errors.ParameterError`); ``"all"`` of an empty registry is an
+        :class:`EnsemblerError`.
         """
-        if isinstance(names, str):
-            items = [s.strip() for s in names.split(",") if s.strip()]
-        else:
-            items = [str(s).strip() for s in names]
-        if not items:
-            raise EnsemblerError("no members given; pass 'all', family names or checkpoint ids")
-        out: list[str] = []
-        for item in items:
-            if item == "all":
-                fams = self.families()
-                if not fams:
-                    raise EnsemblerError(f"the registry {self.root} holds no checkpoints ('all' is empty)")
-                out.extend(f for f in fams if f not in out)
-            elif item in out:
-                raise EnsemblerError(f"members lists {item!r} twice")
-            else:
-                out.append(item)
-        return out
+        def every_family() -> list[str]:
+            fams = self.families()
+            if not fams:
+                raise EnsemblerError(f"the registry {self.root} holds no checkpoints ('all' is empty)")
+            return fams
+
+        return member_names(names, all_names=every_family)
 
     def members(self, names) -> list[tuple[str, list[Entry]]]:
         """``[(member name, [checkpoint entries])]`` for ensemble members, in the order asked.
