@@ -15,6 +15,7 @@ from .errors import (  # noqa: E402
     IntegrityError,
     LogitError,
     RegistryError,
+    WriteError,
 )
 from .labels import Factor, LabelSpace  # noqa: E402
 from .preprocess import Preprocess  # noqa: E402
@@ -30,4 +31,5 @@ __all__ = [
     "LogitError",
     "Preprocess",
     "RegistryError",
+    "WriteError",
 ]

@@ -40,6 +40,16 @@ def resolve_device(device=None) -> "torch.device":
             dev = torch.device(device)
         except (RuntimeError, TypeError):
             raise EnsemblerError(f"device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EnsemblerError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnsemblerError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise EnsemblerError(f"device {str(device)!r}: this machine has {count} CUDA device(s), "
+                                 f"cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise EnsemblerError(f"device {str(device)!r}: MPS is not available on this machine; use cpu")
+    elif dev.type != "cpu":
+        raise EnsemblerError(f"device {str(device)!r} is not supported here (use cpu, cuda or cuda:N)")
     return dev

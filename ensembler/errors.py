@@ -52,3 +52,13 @@ class ParameterError(EnsemblerError, ValueError):
     def __init__(self, parameter: str, message: str):
         self.parameter = parameter
         super().__init__(message)
+
+
+class WriteError(EnsemblerError):
+    """A file could not be written (full disk, read-only folder, no permission).
+
+    ``path`` names the file; nothing half-written is left behind (see :mod:`ensembler._io`).
+    """
+
+    path: str = ""
+    errno: int | None = None

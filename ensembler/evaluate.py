@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ._io import refuse_existing
 from .errors import DataError, EnsemblerError, LogitError
 from .logits import few, read_logits_set
 from .names import member_names
@@ -207,7 +208,8 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
              members: str | Sequence[str] | None = None, vote: str = "soft", weights: Sequence[float] | None = None,
              tta: str = "none", merge: str = "mean-logits", backend: str = "torch",
              plot: str | os.PathLike | None = None, use_cache: bool = True, batch_size: int = 32,
-             workers: int = 0, device: str | None = None, cache_dir=None, progress: bool = True) -> EvaluationResult:
+             workers: int = 0, device: str | None = None, cache_dir=None, progress: bool = True,
+             overwrite: bool = False) -> EvaluationResult:
     """Score a prediction against labels: macro-F1, accuracy, per-class table, confusion matrix.
 
     Exactly one of:
@@ -224,7 +226,9 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
     table : SampleTable, optional
         Labeled data (required unless ``logits`` carries labels).
     plot : path, optional
-        Write the confusion-matrix PNG there (after every check passed).
+        Write the confusion-matrix PNG there (after every check passed). An existing file is
+        kept unless ``overwrite=True``, and a folder that cannot be written is refused, both
+        before any work.
 
     Returns
     -------
@@ -240,6 +244,8 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
     given = [x is not None for x in (logits, recipe)] + [members is not None and logits is None]
     if sum(given) != 1:
         raise EnsemblerError("evaluate needs exactly one of --logits FILE, --recipe R or --members NAMES")
+    if plot is not None:
+        refuse_existing(plot, overwrite=overwrite, flag="--plot")
     member_scores: dict = {}
     tie_rate = None
     if logits is not None:
@@ -277,6 +283,7 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
         res = predict(table, registry, members=members or "all", vote=vote, weights=weights, recipe=recipe,
                       tta=tta, merge=merge, backend=backend, out=None, use_cache=use_cache, batch_size=batch_size,
                       workers=workers, device=device, cache_dir=cache_dir, progress=progress)
+        y = res.table.labels  # the data's labels in the members' classes (re-indexed by name)
         classes = list(res.label_space.classes)
         pred = res.pred
         hard = res.vote == "hard"

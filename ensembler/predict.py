@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
+from ._io import refuse_existing
 from .errors import DataError, EnsemblerError, LogitError
 from .labels import LabelSpace
 from .names import COMPOSE_SEP
@@ -173,8 +175,15 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
         raise EnsemblerError(f"--vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
     if out is not None:
         out = Path(out)
-        if out.exists() and out.is_dir():
-            raise EnsemblerError(f"--out {out} is a folder; give a CSV file name")
+        # Before any forward: an existing submission is kept unless --overwrite (the one rule
+        # for files a user names), and a ledger that cannot be read fails now, not after inference.
+        refuse_existing(out, overwrite=overwrite)
+        from .submit import LEDGER_NAME, read_ledger
+
+        read_ledger(ledger if ledger is not None else out.parent / LEDGER_NAME)
+    from .device import resolve_device
+
+    resolve_device(device)  # a bad --device fails before the data is decoded
 
     if recipe is not None:
         if weights is not None:
@@ -192,17 +201,20 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
     if recipe is not None:
         _check_recipe_against_registry(recipe, resolved)
     w = _check_vote_weights(rule, weights, specs) if recipe is None else None
+    # Class maps are checked from the registry entries, before any forward: members that predict
+    # different classes, a recipe for other classes, labeled data whose classes are not the members'.
+    space = _joint_space(specs, parts_of, _entry_spaces(atoms, resolved))
+    if recipe is not None:
+        _check_classes(recipe.classes, space, "recipe")
+    table = _with_label_space(table, space)
 
     # One engine call for every model that runs: decode once per geometry, cached logits reused.
     engine_out = predict_members(table, atoms, registry, tta=plan, merge=merge, backend=backend,
                                  batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                                  use_cache=use_cache, progress=progress)
     ids = np.asarray(table.ids).astype(str)
-    space = _joint_space(specs, parts_of, engine_out)
-    table = _with_label_space(table, space)
 
     if recipe is not None:
-        _check_classes(recipe.classes, space, "recipe")
         logits = {name: np.asarray(ml.logits) for name, ml in engine_out.items()}
         pred, probs = recipe.apply(logits)
         ties = tie_rate(probs) if rule == "hard" else None
@@ -290,19 +302,33 @@ def _member_joint_logits(spec: str, parts: Sequence[str], engine_out: Mapping) -
     return np.asarray(compose_members([engine_out[p] for p in parts], name=spec).logits)
 
 
-def _joint_space(specs, parts_of, engine_out) -> LabelSpace:
+def _entry_spaces(atoms, resolved) -> dict[str, LabelSpace]:
+    """Each member's label space from its registry entries (every checkpoint of a family must agree)."""
+    out = {}
+    for a in atoms:
+        entries = resolved[a]
+        first = entries[0].labels
+        for e in entries[1:]:
+            if e.labels.classes != first.classes:
+                raise LogitError(f"member {a!r}: checkpoints {entries[0].id!r} and {e.id!r} predict different "
+                                 f"classes ({list(first.classes)[:6]} vs {list(e.labels.classes)[:6]})")
+        out[a] = first
+    return out
+
+
+def _joint_space(specs, parts_of, spaces_of: Mapping[str, LabelSpace]) -> LabelSpace:
     """The label space every member predicts in (a composition's is its parts' parent space)."""
     spaces = []
     for s in specs:
         parts = parts_of.get(s) or []
         if parts:
-            meta = engine_out[parts[0]].label_space.meta
+            meta = spaces_of[parts[0]].meta
             if "factor_of" not in meta:
                 raise LogitError(f"member {s!r}: {parts[0]!r} is not a per-factor model (trained with --target), "
                                  "so it cannot be composed")
             spaces.append((s, LabelSpace.from_dict(meta["factor_of"])))
         else:
-            spaces.append((s, engine_out[s].label_space))
+            spaces.append((s, spaces_of[s]))
     ref_name, ref = spaces[0]
     for name, sp in spaces[1:]:
         if sp.classes != ref.classes:
@@ -326,11 +352,23 @@ def _with_label_space(table, space: LabelSpace):
     if table.label_space is None:
         return SampleTable(table.frame, space, table.source)
     if not table.label_space.same_classes(space):
-        if table.frame["label"].notna().any():
+        labels = table.frame["label"]
+        if not labels.notna().any():
+            return SampleTable(table.frame, space, table.source)
+        # Labeled data read on its own names only the classes it holds (a held-out set may lack a
+        # rare class): its labels are re-indexed into the members' classes by name.
+        mine = list(table.label_space.classes)
+        present = sorted({int(v) for v in labels.dropna()})
+        unknown = [mine[k] for k in present if mine[k] not in space.classes]
+        if unknown:
             raise DataError(
-                f"{table.describe()} has classes {list(table.label_space.classes)[:6]}..., the members predict "
-                f"{list(space.classes)[:6]}...: they are not the same task")
-        return SampleTable(table.frame, space, table.source)
+                f"{table.describe()} has classes the members do not predict: {unknown[:6]} (the members' "
+                f"classes are {list(space.classes)[:8]}{'...' if space.num_classes > 8 else ''}); label the "
+                "data with the members' class names")
+        frame = table.frame.copy()
+        index = {k: space.classes.index(mine[k]) for k in present}
+        frame["label"] = labels.map(lambda v: index[int(v)] if v is not pd.NA and not pd.isna(v) else v).astype("Int64")
+        return SampleTable(frame, space, table.source)
     return table
 
 

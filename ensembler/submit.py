@@ -20,13 +20,15 @@ import io
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ._io import atomic_write, sha256_bytes, sha256_file
+from ._io import (append_whole, atomic_write, json_text, refuse_existing, sha256_bytes, truncate_to, write_bytes_atomic,
+                  write_error)
 from .errors import DataError, EnsemblerError
 
 LEDGER_NAME = "ledger.jsonl"
@@ -99,7 +101,7 @@ def render_submission(table, pred: np.ndarray, *, probs: np.ndarray | None = Non
 def write_submission(table, pred: np.ndarray, out: str | os.PathLike, *, probs: np.ndarray | None = None,
                      with_probs: bool = False, inputs: dict[str, Any] | None = None,
                      overwrite: bool = False, ledger: str | os.PathLike | None = None) -> SubmissionResult:
-    """Write a submission atomically and append a ledger row.
+    """Write a submission atomically and append its ledger row: both stand or fall together.
 
     Parameters
     ----------
@@ -108,13 +110,22 @@ def write_submission(table, pred: np.ndarray, out: str | os.PathLike, *, probs: 
     pred : ndarray of int, shape (N,)
         Predicted class indices.
     out : path
-        The CSV to write. An existing file with *different* content is not overwritten
-        unless ``overwrite=True`` (an earlier submission would be lost).
+        The CSV to write. An existing file is not replaced unless ``overwrite=True`` (the one
+        rule of :func:`ensembler._io.refuse_existing`: an earlier submission would be lost).
     inputs : dict
         What produced the prediction, recorded in the ledger: ``recipe_hash``, ``members``
         (list of ``{"name", "sha256"}``), ``tta``, ``vote``, ``data_fingerprint``, ...
     ledger : path, optional
         Default: ``ledger.jsonl`` in the folder of ``out``.
+
+    Notes
+    -----
+    Under the ledger's lock: the CSV is written (temp file + rename), then the row is appended
+    whole (:func:`ensembler._io.append_whole`). When the append fails (a full disk), the
+    ledger is cut back to its old size and the CSV is put back as it was (removed, or its
+    earlier bytes restored), and a :class:`~ensembler.errors.WriteError` names the ledger.
+    A torn last line left by an older crash is moved to ``ledger.jsonl.torn`` with a warning;
+    the whole rows are kept.
 
     Examples
     --------
@@ -122,16 +133,13 @@ def write_submission(table, pred: np.ndarray, out: str | os.PathLike, *, probs: 
     ...                        inputs={"vote": "soft", "tta": "hflip"})  # doctest: +SKIP
     >>> res.repeat_message()  # doctest: +SKIP
     """
+    from filelock import FileLock
+
     out = Path(out)
     data = render_submission(table, pred, probs=probs, with_probs=with_probs)
     digest = sha256_bytes(data)
-    if out.exists() and not overwrite and sha256_file(out) != digest:
-        raise EnsemblerError(f"{out} exists with different content; choose another --out or pass --overwrite")
+    refuse_existing(out, overwrite=overwrite)
     ledger_path = Path(ledger) if ledger is not None else out.parent / LEDGER_NAME
-    # Read the ledger before writing anything: a broken ledger fails with no submission written.
-    earlier = read_ledger(ledger_path)
-    with atomic_write(out, "wb") as fh:
-        fh.write(data)
     inputs = dict(inputs or {})
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -141,11 +149,38 @@ def write_submission(table, pred: np.ndarray, out: str | os.PathLike, *, probs: 
         **inputs,
         "inputs_key": inputs_key(inputs),
     }
+    line = (json_text(record, indent=None, where=f"ledger row for {out}") + "\n").encode("utf-8")
+    # Read the ledger before writing anything: a broken ledger fails with no submission written.
+    earlier = read_ledger(ledger_path)
+    _mkdir(ledger_path.parent)
+    with FileLock(str(ledger_path) + ".lock"):
+        old = out.read_bytes() if out.is_file() else None
+        with atomic_write(out, "wb") as fh:
+            fh.write(data)
+        try:
+            _append_locked(ledger_path, line)
+        except BaseException:
+            _restore(out, old)
+            raise
     same_output = [r for r in earlier if r.get("output_sha256") == digest]
     same_inputs = [r for r in earlier if r.get("inputs_key") == record["inputs_key"] and inputs
                    and r.get("output_sha256") != digest]
-    append_ledger(ledger_path, record)
     return SubmissionResult(out, digest, int(len(pred)), ledger_path, record, same_output, same_inputs)
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc, "create the folder") from exc
+
+
+def _restore(out: Path, old: bytes | None) -> None:
+    """Put a submission back as it was before a failed write_submission."""
+    if old is None:
+        out.unlink(missing_ok=True)
+    else:
+        write_bytes_atomic(out, old)
 
 
 def inputs_key(inputs: dict[str, Any]) -> str:
@@ -153,36 +188,72 @@ def inputs_key(inputs: dict[str, Any]) -> str:
     return sha256_bytes(json.dumps(inputs, sort_keys=True, default=str).encode())
 
 
+def _torn_tail(raw: bytes) -> tuple[bytes, bytes]:
+    """``(whole lines, torn tail)``: the tail is a last line without its newline that is not JSON."""
+    if not raw or raw.endswith(b"\n"):
+        return raw, b""
+    cut = raw.rfind(b"\n") + 1
+    tail = raw[cut:]
+    try:
+        json.loads(tail.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return raw[:cut], tail
+    return raw, b""  # a whole row that only lacks its newline
+
+
 def read_ledger(path: str | os.PathLike) -> list[dict]:
-    """All rows of a ledger; a missing ledger is empty. A broken line names the file and line."""
+    """All rows of a ledger; a missing ledger is empty.
+
+    A broken line names the file and line (:class:`EnsemblerError`), except a torn *last* line
+    (no newline at its end: a write cut short by a crash or a full disk), which is reported
+    with a ``UserWarning`` and left out; the next append moves it to ``<ledger>.torn``.
+    """
     path = Path(path)
     if not path.exists():
         return []
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise EnsemblerError(f"cannot read ledger {path}: {exc.strerror or exc}") from None
+    whole, tail = _torn_tail(raw)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(whole.decode("utf-8", "replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise EnsemblerError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+    if tail:
+        torn_line = whole.count(b"\n") + 1
+        warnings.warn(f"{path}, line {torn_line}: a torn last line ({len(tail)} bytes, from an "
+                      f"interrupted write) is ignored; the {len(rows)} whole row(s) are kept", UserWarning,
+                      stacklevel=2)
     return rows
 
 
 def append_ledger(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line under a file lock, in a single write, fsynced."""
+    """Append one JSON line under a file lock, whole or not at all, fsynced."""
     from filelock import FileLock
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=False, default=str) + "\n").encode("utf-8")
+    _mkdir(path.parent)
+    line = (json_text(record, indent=None, where=str(path)) + "\n").encode("utf-8")
     with FileLock(str(path) + ".lock"):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_locked(path, line)
+
+
+def _append_locked(path: Path, line: bytes) -> None:
+    """Append ``line`` (lock held); first move a torn last line to ``<ledger>.torn``."""
+    if path.is_file():
+        raw = path.read_bytes()
+        whole, tail = _torn_tail(raw)
+        if tail:
+            append_whole(path.with_name(path.name + ".torn"), tail + b"\n")
+            truncate_to(path, len(whole))
+            warnings.warn(f"{path}: moved a torn last line ({len(tail)} bytes, from an interrupted write) to "
+                          f"{path.name}.torn; the whole rows are kept", UserWarning, stacklevel=3)
+    append_whole(path, line)
 
 
 def member_records(entries: Sequence) -> list[dict]:

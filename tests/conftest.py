@@ -79,3 +79,62 @@ def mask_tree(tmp_path) -> Path:
 @pytest.fixture
 def mask_eval(tmp_path) -> Path:
     return write_mask_eval(tmp_path / "eval")
+
+
+# ---------------------------------------------------------------------------- faults (reliability tests)
+def _mount_tmpfs(folder: Path, options: str) -> bool:
+    """Mount a tmpfs at ``folder`` (root only); False where this machine does not allow it."""
+    import subprocess
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    return res.returncode == 0
+
+
+def _umount(folder: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs (a disk that fills up); skipped unless running as root with mount rights."""
+    folder = tmp_path / "tmpfs"
+    if not _mount_tmpfs(folder, "size=4m,mode=0777"):
+        pytest.skip("a full-disk test needs root to mount a small tmpfs")
+    yield folder
+    _umount(folder)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Write a filler file in ``folder`` until the file system is full (``leave`` bytes spared)."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder nothing can be written to: a read-only tmpfs as root (root ignores mode bits),
+    else a folder with mode 0555."""
+    folder = tmp_path / "readonly"
+    if _mount_tmpfs(folder, "size=64k,ro"):
+        yield folder
+        _umount(folder)
+        return
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        pytest.skip("cannot make a read-only folder here")
+    yield folder
+    folder.chmod(0o755)

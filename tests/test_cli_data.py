@@ -82,8 +82,8 @@ def test_inspect_split_csv_shows_its_folds(tmp_path, capsys):
 def test_split_unlabeled_fails_and_writes_nothing(mask_eval, tmp_path, capsys):
     out = tmp_path / "f.csv"
     out.write_text("previous\n")
-    assert main(["data", "split", "--data", str(mask_eval), "--k", "5", "--out", str(out)]) == 2
-    assert "unlabeled" in capsys.readouterr().err
+    assert main(["data", "split", "--data", str(mask_eval), "--k", "5", "--out", str(out), "--overwrite"]) == 2
+    assert "is unlabeled" in capsys.readouterr().err
     assert out.read_text() == "previous\n"
 
 

@@ -95,8 +95,10 @@ def test_second_identical_predict_reports_the_earlier_submission(setup, monkeypa
     assert rec["backend"] == "torch" and rec["data_fingerprint"] == table.fingerprint()
     assert {c["id"]: c["sha256"] for m in rec["members"] for c in m["checkpoints"]} == {
         e.id: e.sha256 for e in reg.entries()}
-    # the same written again to the same path is fine (identical content) and reported
-    third = predict(table, reg, out=subs / "a.csv", **kw)
+    # the same path again is a replacement: refused before any work unless overwrite, then reported
+    with pytest.raises(EnsemblerError, match="a.csv exists; pass --overwrite"):
+        predict(table, reg, out=subs / "a.csv", **kw)
+    third = predict(table, reg, out=subs / "a.csv", overwrite=True, **kw)
     assert third.submission.same_output
 
 
@@ -117,7 +119,7 @@ def test_existing_different_submission_is_not_overwritten(setup):
     subs.mkdir()
     out = subs / "mine.csv"
     out.write_text("id,label\nsomething,else\n")
-    with pytest.raises(EnsemblerError, match="mine.csv exists with different content.*--overwrite"):
+    with pytest.raises(EnsemblerError, match="mine.csv exists; pass --overwrite"):
         predict(table, reg, members="res", cache_dir=cache, progress=False, out=out)
     assert out.read_text() == "id,label\nsomething,else\n"
     assert not (subs / "ledger.jsonl").exists()
@@ -333,14 +335,16 @@ def test_cli_predict_twice_says_identical_submission_exists(setup, capsys, monke
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "h.csv" in out and "identical submission" not in out and "ties" in out
-    assert main(args) == 0
+    assert main(args[:-1] + [str(subs / "h2.csv")]) == 0
     out = capsys.readouterr().out
     assert "identical submission already exists" in out and "h.csv" in out
-    # a different existing file without --overwrite: exit 2, named, file kept
+    # an existing file without --overwrite: exit 2, named with the flag, file kept
     (subs / "other.csv").write_text("x\n")
     assert main(args[:-1] + [str(subs / "other.csv")]) == 2
-    assert "other.csv exists with different content" in capsys.readouterr().err
+    assert "other.csv exists; pass --overwrite" in capsys.readouterr().err
     assert (subs / "other.csv").read_text() == "x\n"
+    assert main(args) == 2  # the same file again is a replacement too: --overwrite
+    assert main(args + ["--overwrite"]) == 0
 
 
 def test_cli_evaluate_logits(setup, tmp_path, capsys, monkeypatch):

@@ -65,7 +65,7 @@ def test_an_existing_different_file_is_kept_unless_overwrite(tmp_path):
     t = _table()
     out = tmp_path / "s.csv"
     out.write_text("precious\n")
-    with pytest.raises(EnsemblerError, match="s.csv exists with different content.*--overwrite"):
+    with pytest.raises(EnsemblerError, match="s.csv exists; pass --overwrite"):
         write_submission(t, np.zeros(5, int), out)
     assert out.read_text() == "precious\n" and not (tmp_path / "ledger.jsonl").exists()
     write_submission(t, np.zeros(5, int), out, overwrite=True)

@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = func(args)
     except EnsemblerError as exc:
+        from rich.markup import escape
+
         from ._common import err_console
 
-        err_console().print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        # The message is printed as written: escaped, so "[nan, 1]" or a path with brackets is not
+        # swallowed as console markup.
+        err_console().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
         return 2
     except KeyboardInterrupt:
         from ._common import err_console

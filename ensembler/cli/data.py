@@ -34,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, default=5, metavar="K", help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="split seed (default 0)")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="where to write the CSV")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_split)
 
 
@@ -163,8 +164,10 @@ def _inspect(args) -> int:
 def _split(args) -> int:
     from pathlib import Path
 
+    from .._io import refuse_existing
     from ..data import load_source_from_args, split_folds
 
+    refuse_existing(args.out, overwrite=args.overwrite)  # before the data is read
     out = console()
     with printed_warnings():
         table = split_folds(load_source_from_args(args), args.k, args.seed)

@@ -44,6 +44,7 @@ def register(sub) -> None:
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="folder for weights.png and per_class_f1.png (default: <out stem>_plots next to the recipe)")
     p.add_argument("--no-plots", dest="make_plots", action="store_false", help="do not write PNG charts")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing recipe (and its charts)")
     p.set_defaults(func=tune_weights_command)
 
 
@@ -59,6 +60,14 @@ def tune_weights_command(args) -> int:
     if args.rounds < 1:
         raise EnsemblerError(f"--rounds must be at least 1, got {args.rounds}")
     out = Path(args.out)
+    plot_dir = Path(args.plots) if args.plots else out.parent / f"{out.stem}_plots"
+    from .._io import refuse_existing
+    from ..ensemble.plots import PLOT_NAMES
+
+    # Before any tuning: an existing recipe or chart is kept unless --overwrite.
+    refuse_existing(out, overwrite=args.overwrite)
+    if args.make_plots:
+        refuse_existing([plot_dir / n for n in PLOT_NAMES], overwrite=args.overwrite, flag="--plots")
     members = load_members(args.members, registry=args.registry, oof_files=args.oof)
     status = err_console().status("tuning...")
     with status:
@@ -75,7 +84,6 @@ def tune_weights_command(args) -> int:
     if args.make_plots:
         from ..ensemble.plots import write_tuning_plots
 
-        plot_dir = Path(args.plots) if args.plots else out.parent / f"{out.stem}_plots"
         plot_paths = write_tuning_plots(result, plot_dir)
     # The recipe goes last: a run that failed anywhere above leaves no recipe behind.
     result.recipe.save(out)

@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--out", required=True, metavar="PATH",
                    help="output .npz, every member's logits side by side (its .json sidecar is written beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its sidecar)")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(
@@ -79,11 +80,13 @@ def cmd_infer(args) -> int:
 
     from ..data import load_source_from_args
     from ..infer import predict_members
-    from ..logits import write_logits
+    from .._io import refuse_existing
+    from ..logits import sidecar_path, write_logits
     from ..registry import Registry
 
     if not str(args.out).endswith(".npz"):
         raise EnsemblerError(f"--out must be a .npz file, got {args.out!r}")
+    refuse_existing([args.out, sidecar_path(args.out)], overwrite=args.overwrite)  # before any forward
     table = load_source_from_args(args)
     workers = default_workers() if args.workers is None else args.workers
     results = predict_members(

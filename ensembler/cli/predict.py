@@ -6,9 +6,10 @@ Parsing and printing only; the work is :func:`ensembler.predict.predict` and
 
 from __future__ import annotations
 
+from .._io import refuse_existing
 from ..errors import EnsemblerError
 from ._common import (add_data_args, add_engine_args, add_registry_arg, console, default_workers, err_console,
-                      parse_float_list)
+                      parse_float_list, printed_warnings)
 
 VOTES = ("hard", "soft", "weighted", "gmean", "logits")
 
@@ -55,6 +56,7 @@ def register(sub) -> None:
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member")
     add_engine_args(p)
     p.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix there (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -74,15 +76,17 @@ def cmd_predict(args) -> int:
     if args.recipe and args.members != "all":
         err_console().print("[yellow]note:[/] --members is ignored with --recipe: the recipe decides which "
                             "models run")
+    refuse_existing(args.out, overwrite=args.overwrite)  # before the data is read
     table = _load_table(args)
     if args.probs and (table.source or {}).get("info_csv"):
         err_console().print("[yellow]note:[/] --probs is ignored for mask eval data: its submission format is "
                             "info.csv with 'ans' filled")
-    res = predict(table, args.registry, members=args.members, vote=args.vote, weights=weights, recipe=args.recipe,
-                  tta=args.tta, merge=args.merge, backend=args.backend, out=args.out, with_probs=args.probs,
-                  overwrite=args.overwrite, use_cache=args.use_cache, batch_size=args.batch_size,
-                  workers=default_workers() if args.workers is None else args.workers, device=args.device,
-                  cache_dir=args.cache_dir, progress=True)
+    with printed_warnings():  # e.g. a torn last ledger line moved aside
+        res = predict(table, args.registry, members=args.members, vote=args.vote, weights=weights,
+                      recipe=args.recipe, tta=args.tta, merge=args.merge, backend=args.backend, out=args.out,
+                      with_probs=args.probs, overwrite=args.overwrite, use_cache=args.use_cache,
+                      batch_size=args.batch_size, workers=default_workers() if args.workers is None else args.workers,
+                      device=args.device, cache_dir=args.cache_dir, progress=True)
     sub = res.submission
     con = console()
     t = Table(title=f"predict · {len(res.ids)} images · vote {res.vote} · TTA {res.inputs['tta']} "
@@ -139,7 +143,7 @@ def cmd_evaluate(args) -> int:
                    weights=weights, tta=args.tta, merge=args.merge, backend=args.backend, plot=args.plot,
                    use_cache=args.use_cache, batch_size=args.batch_size,
                    workers=default_workers() if args.workers is None else args.workers, device=args.device,
-                   cache_dir=args.cache_dir, progress=True)
+                   cache_dir=args.cache_dir, progress=True, overwrite=args.overwrite)
     con = console()
     con.print(f"[bold]{escape(res.name)}[/] on {res.rows} rows: macro-F1 [bold]{res.f1:.4f}[/], accuracy {res.acc:.4f}"
               + (f", log-loss {res.logloss:.4f}" if res.logloss is not None else ""), highlight=False)

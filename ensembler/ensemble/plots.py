@@ -74,6 +74,10 @@ def plot_per_class_f1(per_class: Mapping[str, np.ndarray], classes: Sequence[str
         plt.close(fig)
 
 
+#: The files :func:`write_tuning_plots` writes in its folder.
+PLOT_NAMES = ("weights.png", "per_class_f1.png")
+
+
 def write_tuning_plots(result, folder) -> dict[str, Path]:
     """``weights.png`` and ``per_class_f1.png`` of a :class:`~ensembler.ensemble.TuneResult` in ``folder``."""
     folder = Path(folder)

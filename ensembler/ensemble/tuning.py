@@ -271,7 +271,7 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
                                                    method, logits, y, held, candidates)
     scores = {"in_sample": shipped_in, "honest": shipped_honest, "soft_uniform": soft_scores,
               "rows": n, "folds": [int(f) for f in fold_values], "ships": decision.to_dict(),
-              "candidates": {cd.name: {"kind": cd.kind, "mean": cd.mean(), "per_fold": dict(cd.per_fold)}
+              "candidates": {cd.name: {"kind": cd.kind, "mean": _finite_or_none(cd.mean()), "per_fold": dict(cd.per_fold)}
                              for cd in candidates},
               "tuned": {"in_sample": in_sample, "honest": honest_res}}
     recipe = replace(shipped, scores=scores)
@@ -359,6 +359,11 @@ def honest_score(logits: np.ndarray, labels, folds, *, names, member_info=(), cl
     if held_nobias is not None:
         out.update(per_fold_nobias=per_fold_nobias, pooled_nobias=_scores(y, held_nobias))
     return out
+
+
+def _finite_or_none(x):
+    """JSON has no NaN: a mean over no honest folds is recorded as null."""
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def _candidates(names, logits, y, folds, metric, hard, soft, held, with_bias: bool, method: str) -> list[Candidate]:
