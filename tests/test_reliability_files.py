@@ -157,14 +157,14 @@ def test_every_written_file_gets_0666_minus_the_umask(tmp_path):
     """safetensors and torch.save create their files 0600; the rest must not be 0644 either
     under a group-sharing umask of 002."""
     from ensembler.submit import write_submission
-    from ensembler.train.state import save_state
 
     old = os.umask(0o002)
     try:
         reg = Registry(tmp_path / "shared")
         reg.add(create_model("test_resnet", label_space=LABELS), family="res", fold=0, arch="test_resnet",
                 head="flat", label_space=LABELS, preprocess=PRE)
-        save_state(tmp_path / "shared" / "res" / "fold0" / "state.pt", {"epoch": 1})
+        with _io.atomic_path(tmp_path / "shared" / "res" / "fold0" / "state.pt") as tmp:  # as save_state writes
+            torch.save({"epoch": 1}, tmp)
         frame = pd.DataFrame({"id": ["a", "b"], "path": ["/x/a", "/x/b"], "label": [pd.NA] * 2, "group": ["a", "b"]})
         write_submission(SampleTable(frame, LABELS, {"kind": "csv"}), np.array([0, 1]), tmp_path / "subs" / "s.csv")
         from ensembler.evaluate import plot_confusion_matrix

@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # The message is printed as written: escaped, so "[nan, 1]" or a path with brackets is not
         # swallowed as console markup.
-        err_console().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
+        message = str(exc)
+        flag = "--" + str(getattr(exc, "parameter", "") or "").replace("_", "-")
+        if flag != "--" and flag not in message:
+            message = f"{flag}: {message}"  # a ParameterError names the API's name; the user typed the flag
+        err_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
         return 2
     except KeyboardInterrupt:
         from ._common import err_console
