@@ -203,7 +203,9 @@ def print_dataset(res: dict, log=print) -> None:
     b = res["blend"]
     w = ", ".join(f"{k}={v:.2f}" for k, v in b["weights"].items())
     log(f"{'tune-weights + predict (recipe)':<34} {fmt(b['honest']):>7} {fmt(b['holdout']):>9} {b['seconds']:>8.0f}"
-        f"   honest OOF; ships {b['ships'] or 'blend'}; weights {w}")
+        f"   honest OOF; weights {w} (held-out logits from the engine cache)")
+    ships = b["ships"] or {}
+    log(f"  ships: {ships.get('reason', 'the tuned blend') if isinstance(ships, dict) else ships}")
 
 
 def ratios(results: list[dict]) -> dict:
@@ -243,7 +245,10 @@ def main(argv=None) -> int:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" and value not in ("nan",) else value
+        try:  # numbers, true/false, lists; anything else (augment=none) is a string
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     from ensembler.data import load_source
 
     results = []

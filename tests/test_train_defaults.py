@@ -36,7 +36,8 @@ def test_regime_defaults_fill_only_what_was_not_given():
 
 
 def test_auto_augment_follows_the_data_and_the_regime():
-    assert resolve_augment("auto", "digits", "from-scratch") == "light"
+    assert resolve_augment("auto", "digits", "from-scratch") == "none"  # a mirrored digit is another class
+    assert resolve_augment("auto", "digits", "fine-tune") == "light"
     assert resolve_augment("auto", "csv", "from-scratch") == "flip" == REGIME_DEFAULTS["from-scratch"]["augment"]
     assert resolve_augment("auto", "mask", "fine-tune") == "standard"
     assert resolve_augment("standard", "csv", "from-scratch") == "standard"
@@ -77,5 +78,5 @@ def test_checkpoint_carries_the_crop_and_the_header_names_the_regime(tmp_path, c
     assert entry.train_config["lr"] == 3e-3 and entry.train_config["defaulted"] == ["crop", "lr", "warmup_epochs"]
     text = con.export_text()
     assert "from-scratch (no pretrained weights)" in text and "adamw lr 0.003" in text
-    assert "augment light" in text  # digits: never flipped
+    assert "augment none" in text  # digits from scratch: never flipped, nothing heavier
     assert "crop, lr, warmup_epochs, augment from the from-scratch defaults" in text

@@ -78,8 +78,8 @@ def register(sub) -> None:
     g.add_argument("--augment", nargs="?", const="standard", default="auto",
                    choices=("auto", "standard", "light", "flip", "none"),
                    help="train-time augmentation: standard (random-resized crop+flip+colour), light "
-                   "(small crop+rotation, no flip: digits/text), flip (eval geometry + flip), none; auto = light "
-                   "for digits, else by regime: standard fine-tuning, flip from scratch (default auto; "
+                   "(small crop+rotation, no flip: digits/text), flip (eval geometry + flip), none; auto = by "
+                   "regime: standard fine-tuning, flip from scratch (digits: light, none) (default auto; "
                    "bare --augment = standard)")
     g.add_argument("--crop", choices=("timm", "full"), default=None,
                    help="eval geometry stored with each checkpoint: timm (the arch's centre crop) or full (the whole "

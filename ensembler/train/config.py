@@ -111,8 +111,8 @@ class TrainConfig:
         jitter (photos, faces). ``light``: small random-resized-crop (scale 0.7-1) and a
         small rotation, no flip (digits, text: flipping changes the class). ``flip``: the
         eval transform and a random horizontal flip. ``none``: the eval transform.
-        ``auto``: ``light`` for the ``digits`` source, else by regime (``standard``
-        fine-tuning, ``flip`` from scratch).
+        ``auto``: by regime, ``standard`` fine-tuning and ``flip`` from scratch; for the
+        ``digits`` source (never flipped) ``light`` fine-tuning and ``none`` from scratch.
     crop : {"timm", "full"}, optional
         Eval geometry (stored with each checkpoint): ``timm`` resizes and centre-crops by
         the architecture's ``crop_pct``; ``full`` resizes the whole image to the input size.
@@ -255,7 +255,7 @@ class TrainConfig:
         filled = []
         for key, value in REGIME_DEFAULTS[self.regime].items():
             if key == "augment":
-                continue  # "auto" is resolved with the data source (digits: light), see resolve_augment
+                continue  # "auto" is resolved with the data source (digits: never flipped), see resolve_augment
             if getattr(self, key) is None:
                 setattr(self, key, value)
                 filled.append(key)
