@@ -147,6 +147,10 @@ class LabelSpace:
         elif isinstance(label, str) and label in self.classes:
             return self.classes.index(label)
         elif isinstance(label, str) and label.strip().lstrip("-").isdigit():
+            if self.integer_named:
+                # Classes named by integers ("-1", "0", "1"): "2" is a name that is not there,
+                # never the index 2 (which is the class "1").
+                raise DataError(f"unknown class {label!r}; known classes: {list(self.classes)}")
             idx = int(label)
         else:
             raise DataError(f"unknown class {label!r}; known classes: {list(self.classes)}")
@@ -159,6 +163,11 @@ class LabelSpace:
 
     def factor_indices(self, class_index: int | np.ndarray) -> tuple:
         return np.unravel_index(class_index, self.factor_sizes)
+
+    @property
+    def integer_named(self) -> bool:
+        """True when every class name is an integer ("-1", "0", "7"): a CSV's integer label column."""
+        return all(c.lstrip("-").isdigit() for c in self.classes)
 
     def same_classes(self, other: "LabelSpace") -> bool:
         return self.classes == other.classes

@@ -20,6 +20,21 @@ from .errors import EnsemblerError
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
+#: Largest input side in pixels (``--img-size``, a registry entry's ``input_size``, TTA crops and
+#: scaled views). The strongest mask-task models ran at 224-384; 2048 leaves room for
+#: high-resolution work while a typo (``--img-size 100000``) is refused instead of asking the
+#: kernel for hundreds of gigabytes.
+MAX_INPUT_SIZE = 2048
+
+
+def check_input_size(value, flag: str = "--img-size") -> None:
+    """:class:`EnsemblerError` naming ``flag`` unless every side is an integer in 8..MAX_INPUT_SIZE."""
+    sides = [value] if isinstance(value, (int, float, str)) else list(value)
+    for side in sides:
+        if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= MAX_INPUT_SIZE:
+            raise EnsemblerError(f"{flag} must be an integer from 8 to {MAX_INPUT_SIZE} pixels per side, "
+                                 f"got {value!r}")
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -58,6 +73,8 @@ class Preprocess:
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
         if len(self.input_size) != 2 or min(self.input_size) < 1:
             raise EnsemblerError(f"input_size must be (H, W) with positive sizes, got {self.input_size}")
+        if max(self.input_size) > MAX_INPUT_SIZE:
+            raise EnsemblerError(f"input_size {self.input_size} is over the limit of {MAX_INPUT_SIZE} pixels per side")
         if not 0.0 < self.crop_pct <= 1.0:
             raise EnsemblerError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in _INTERPOLATIONS:

@@ -11,7 +11,9 @@ Formats
 * Mask-competition eval data (a SampleTable whose ``source`` has ``info_csv``): that
   ``info.csv`` with ``ans`` filled with the class index, rows in the original order.
 * Anything else: ``id,label,class_name`` and, with ``probs=True``, one ``prob_<class>``
-  column per class.
+  column per class. ``label`` is the class index, except for classes named by integers (a
+  CSV's integer label column, e.g. ``-1,0,1``): there it is the class's own integer, so a row
+  labelled 0 in the training CSV is predicted as 0.
 """
 
 from __future__ import annotations
@@ -87,7 +89,12 @@ def render_submission(table, pred: np.ndarray, *, probs: np.ndarray | None = Non
         info["ans"] = [int(by_id[i]) for i in info["ImageID"]]
         frame = info
     else:
-        frame = pd.DataFrame({"id": ids, "label": pred.astype(int), "class_name": [classes[p] for p in pred]})
+        # Classes named by integers (a CSV's integer label column, e.g. -1,0,1) keep their meaning:
+        # ``label`` holds the class's own integer, not its index; otherwise the class index.
+        space = table.label_space
+        values = [int(c) for c in classes] if space.integer_named else list(range(len(classes)))
+        frame = pd.DataFrame({"id": ids, "label": np.asarray(values, dtype=np.int64)[pred],
+                              "class_name": [classes[p] for p in pred]})
         if with_probs:
             if probs is None or np.asarray(probs).shape != (len(ids), len(classes)):
                 raise EnsemblerError("with_probs needs probs of shape (N, num_classes)")

@@ -148,14 +148,11 @@ def _inspect(args) -> int:
             task = bar.add_task("decoding", total=len(table))
             failures = verify_images(table.paths, progress=lambda: bar.advance(task))
         if failures:
-            from rich.table import Table
-
-            t = Table(title=f"{len(failures)} of {len(table)} images fail to decode", title_justify="left")
-            t.add_column("file")
-            t.add_column("reason")
-            for path, reason in failures[:50]:
-                t.add_row(path, reason)
-            out.print(t)
+            # Plain "file: reason" lines, never a table: a file name is never cut at the terminal's
+            # width, and each line can be grepped or pasted into a shell.
+            out.print(f"{len(failures)} of {len(table)} images fail to decode:", style="bold red", highlight=False)
+            for path, reason in failures:
+                out.print(f"{path}: {reason}", markup=False, highlight=False, soft_wrap=True)
             return 1
         out.print(f"all {len(table)} images decode")
     return 0

@@ -131,6 +131,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_label_space_json(path: str):
+    """A LabelSpace JSON file (``LabelSpace.to_dict()``): an object whose ``classes`` is a list of
+    names, optional ``factors`` [{"name", "classes"}] and ``meta``; anything else names the file."""
+    from ..labels import LabelSpace
+
+    hint = 'a JSON object like {"classes": ["cat", "dog"]} (LabelSpace.to_dict())'
+    try:
+        with open(path, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise EnsemblerError(f"--label-space {path}: not 'mask' or a readable JSON file ({exc})") from None
+    classes = d.get("classes") if isinstance(d, dict) else None
+    if not isinstance(classes, list) or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
+                                                for c in classes):
+        raise EnsemblerError(f"--label-space {path}: expected {hint}, got {json.dumps(d)[:80]}")
+    factors = d.get("factors", [])
+    if not isinstance(factors, list) or not all(isinstance(f, dict) and isinstance(f.get("name"), str)
+                                                and isinstance(f.get("classes"), list) for f in factors):
+        raise EnsemblerError(f"--label-space {path}: 'factors' must be a list of {{\"name\", \"classes\"}} objects")
+    if not isinstance(d.get("meta", {}), dict):
+        raise EnsemblerError(f"--label-space {path}: 'meta' must be an object")
+    try:
+        return LabelSpace.from_dict(d)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise EnsemblerError(f"--label-space {path}: {exc}") from None
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from ._common import parse_int_list
     from ..labels import LabelSpace
@@ -143,12 +170,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             bands = parse_int_list(args.age_bands, "--age-bands") or (30, 60)
             label_space = LabelSpace.mask(bands)
         else:
-            try:
-                with open(args.label_space, encoding="utf-8") as fh:
-                    label_space = LabelSpace.from_dict(json.load(fh))
-            except (OSError, ValueError, KeyError) as exc:
-                raise EnsemblerError(f"--label-space {args.label_space}: not 'mask' or a readable "
-                                     f"LabelSpace JSON file ({exc})") from exc
+            label_space = _read_label_space_json(args.label_space)
     img_size = parse_int_list(args.img_size, "--img-size")
     if img_size is not None:
         img_size = img_size[0] if len(img_size) == 1 else tuple(img_size)

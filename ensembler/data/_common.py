@@ -108,3 +108,17 @@ def check_files(paths: Sequence[str], given: Sequence[str], where: str) -> None:
                for i, (p, g) in enumerate(zip(paths, given)) if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{where}: {len(missing)} image file(s) not found:{listing(missing)}")
+
+
+def same_files(paths: Sequence[str]) -> list[tuple[int, int, str]]:
+    """``(first row, later row, real path)`` for every row whose file another row already names
+    (through a symlink, ``..``, or a second spelling of the path)."""
+    first: dict[str, int] = {}
+    dups = []
+    for i, p in enumerate(paths):
+        real = os.path.realpath(p)
+        if real in first:
+            dups.append((first[real], i, real))
+        else:
+            first[real] = i
+    return dups

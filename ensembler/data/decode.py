@@ -29,7 +29,8 @@ def decode_image(path: str | os.PathLike):
       as they are displayed.
     - Modes become RGB: L/1/P/CMYK/YCbCr via ``convert`` (CMYK without colour management);
       16-bit and 32-bit integer / float greyscale are scaled to 8 bits (``I;16``: /257;
-      ``I``/``F``: treated as 16-bit when any value exceeds 255); images with transparency
+      ``I``: treated as 16-bit when any value exceeds 255; ``F``: 0..1 scaled by 255, 0..255
+      kept, 0..65535 /257, anything else (NaN, negative) refused naming the file); images with transparency
       (RGBA, LA, PA, P with a transparent colour) are composited over **white**.
 
     Examples
@@ -51,7 +52,7 @@ def decode_image(path: str | os.PathLike):
             img = src
             if _exif_orientation(src) not in (1, None):
                 img = ImageOps.exif_transpose(src)
-            return _to_rgb(img)
+            return _to_rgb(img, p)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -91,7 +92,7 @@ def _exif_orientation(img) -> int | None:
         return None
 
 
-def _to_rgb(img):
+def _to_rgb(img, path="image"):
     from PIL import Image
 
     mode = img.mode
@@ -99,7 +100,9 @@ def _to_rgb(img):
         return img.copy()
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
-        if mode.startswith("I;16") or (arr.size and arr.max() > 255):
+        if mode == "F":
+            arr = _float_to_8bit(arr, path)
+        elif mode.startswith("I;16") or (arr.size and arr.max() > 255):
             arr = arr / 257.0
         arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(arr[..., None], 3, axis=2), "RGB")
@@ -109,6 +112,23 @@ def _to_rgb(img):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _float_to_8bit(arr: np.ndarray, path) -> np.ndarray:
+    """A 32-bit float image (TIFF mode F) on the 0..255 scale. Values in 0..1 (the common
+    convention) are scaled by 255, values up to 255 are kept, up to 65535 divided by 257; NaN,
+    infinity, negative values or larger ones have no agreed meaning and are refused."""
+    if arr.size == 0:
+        return arr
+    if not np.isfinite(arr).all():
+        raise ImageDecodeError(path, "a 32-bit float image with NaN or infinite pixels")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > 65535:
+        raise ImageDecodeError(path, f"a 32-bit float image with values {lo:g}..{hi:g}; only 0..1, 0..255 or "
+                                     "0..65535 have a known meaning: convert it to 8-bit first")
+    if hi <= 1.0:
+        return arr * 255.0
+    return arr / 257.0 if hi > 255 else arr
 
 
 def verify_images(paths: Iterable[str], workers: int | None = None, progress=None, *,

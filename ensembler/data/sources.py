@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,7 @@ from ._common import (
     is_image_name,
     listing,
     read_csv_cells,
+    same_files,
 )
 from .digits import load_digits_table
 from .mask import is_mask_info_csv, load_mask, mask_layout
@@ -138,7 +140,38 @@ def detect_source(spec: str) -> str:
     )
 
 
-_INT_RE = re.compile(r"^\d+(\.0*)?$")
+_INT_RE = re.compile(r"^-?\d+(\.0*)?$")
+
+#: Most classes a dataset may have (ImageNet-21k has 21,843): a label column of free text or
+#: ids would otherwise become a label space of millions of classes and a model head to match.
+MAX_CLASSES = 100_000
+
+
+def _check_class_count(n: int, where: str) -> None:
+    if n > MAX_CLASSES:
+        raise DataError(f"{where}: {n} distinct labels, more than the limit of {MAX_CLASSES} classes "
+                        "(is the label column an id or a number per image?)")
+
+
+def _indices_with_names(idx: list[int], class_names: Sequence[str], where: str) -> tuple[list[int], LabelSpace]:
+    """Labels written by ``data split``: indices 0..C-1 with a ``class_name`` column naming them."""
+    bad = [i for i, k in enumerate(idx) if not 0 <= k < MAX_CLASSES]
+    if bad:
+        raise DataError(f"{where}, line {csv_line(bad[0])}: label {idx[bad[0]]} with a class_name column must be a "
+                        f"class index from 0 to {MAX_CLASSES - 1}")
+    seen: dict[int, tuple[str, int]] = {}
+    for i, (k, name) in enumerate(zip(idx, class_names)):
+        if k in seen and seen[k][0] != name:
+            raise DataError(f"{where}: label {k} is class_name {seen[k][0]!r} on line {csv_line(seen[k][1])} "
+                            f"but {name!r} on line {csv_line(i)}")
+        seen.setdefault(k, (name, i))
+    n = max(idx) + 1
+    names = [seen[k][0] if k in seen and seen[k][0] else str(k) for k in range(n)]
+    if len(set(names)) != n:
+        names = [str(c) for c in range(n)]
+    if n < 2:
+        raise DataError(f"{where}: integer labels need at least 2 classes (largest label is {n - 1})")
+    return idx, LabelSpace(tuple(names))
 
 
 def _parse_labels(values: Sequence[str], where: str, label_space: LabelSpace | None,
@@ -162,23 +195,20 @@ def _parse_labels(values: Sequence[str], where: str, label_space: LabelSpace | N
                                     f"{label_space.classes[idx]!r}, but class_name says {name!r}")
         return out, label_space
     if all(_INT_RE.match(v) for v in values):
-        idx = [int(float(v)) for v in values]
-        n = max(idx) + 1
-        names = [str(c) for c in range(n)]
+        ints = [int(float(v)) for v in values]
         if class_names is not None:
-            seen: dict[int, tuple[str, int]] = {}
-            for i, (k, name) in enumerate(zip(idx, class_names)):
-                if k in seen and seen[k][0] != name:
-                    raise DataError(f"{where}: label {k} is class_name {seen[k][0]!r} on line {csv_line(seen[k][1])} "
-                                    f"but {name!r} on line {csv_line(i)}")
-                seen.setdefault(k, (name, i))
-            names = [seen[k][0] if k in seen and seen[k][0] else str(k) for k in range(n)]
-            if len(set(names)) != n:
-                names = [str(c) for c in range(n)]
-        if n < 2:
-            raise DataError(f"{where}: integer labels need at least 2 classes (largest label is {n - 1})")
-        return idx, LabelSpace(tuple(names))
+            return _indices_with_names(ints, class_names, where)
+        # An integer label column is a set of class names, never an index to allocate up to:
+        # labels -1,0,1 are the classes "-1","0","1" and a stray 10000000 is one more class.
+        # The submission writes each class's own integer back (``label``), so meanings are kept.
+        distinct = sorted(set(ints))
+        if len(distinct) < 2:
+            raise DataError(f"{where}: only one class ({distinct[0]}); a classifier needs at least 2")
+        _check_class_count(len(distinct), where)
+        pos = {k: n for n, k in enumerate(distinct)}
+        return [pos[k] for k in ints], LabelSpace(tuple(str(k) for k in distinct))
     classes = sorted(set(values))
+    _check_class_count(len(classes), where)
     if len(classes) < 2:
         raise DataError(f"{where}: only one class ({classes[0]!r}); a classifier needs at least 2")
     pos = {c: k for k, c in enumerate(classes)}
@@ -218,6 +248,8 @@ def load_csv(csv: str | os.PathLike, *, label_space: LabelSpace | None = None) -
     frame = pd.DataFrame({"id": ids, "path": paths})
     if "label" in df.columns:
         names = df["class_name"].tolist() if "class_name" in df.columns else None
+        if names is not None and all(lab == n for lab, n in zip(df["label"], names)):
+            names = None  # labels that are their class names (integer-named classes as `data split` writes them)
         labels, space = _parse_labels(df["label"].tolist(), where, label_space, names)
         frame["label"] = pd.array(labels, dtype="Int64")
     else:
@@ -240,6 +272,7 @@ def load_csv(csv: str | os.PathLike, *, label_space: LabelSpace | None = None) -
     extra = [c for c in df.columns if c not in ("id", "path", "label", "group", "fold", "class_name")]
     for c in extra:
         frame[c] = df[c].to_numpy()
+    _check_same_images(frame, space, where)
     table = SampleTable(frame, space, {"kind": "csv", "path": where})
     if "fold" in frame.columns:
         try:
@@ -247,6 +280,36 @@ def load_csv(csv: str | os.PathLike, *, label_space: LabelSpace | None = None) -
         except DataError as exc:
             raise DataError(f"{where}: {exc}") from None
     return table
+
+
+def _check_same_images(frame: pd.DataFrame, space: LabelSpace | None, where: str) -> None:
+    """One image, one row: the same file (by real path) on two labeled rows is an error when
+    their labels or groups differ (a contradiction, or the image could sit in train and
+    validation at once); otherwise, and for unlabeled sets (each id gets a prediction), a warning."""
+    dups = same_files(frame["path"].tolist())
+    if not dups:
+        return
+    labels, groups, ids = frame["label"], frame["group"].tolist(), frame["id"].tolist()
+
+    def row(i):
+        lab = "" if pd.isna(labels.iloc[i]) else f", label {space.classes[int(labels.iloc[i])]!r}"
+        return f"line {csv_line(i)} (id {ids[i]!r}{lab}, group {groups[i]!r})"
+
+    conflicts = []
+    for i, j, real in dups:
+        if labels.notna().iloc[i] and labels.iloc[i] != labels.iloc[j]:
+            conflicts.append(f"{row(i)} and {row(j)} are the same image {real} with different labels")
+        elif labels.notna().iloc[i] and groups[i] != groups[j]:
+            conflicts.append(f"{row(i)} and {row(j)} are the same image {real} in different groups: it could "
+                             "land in train and validation at once")
+    if conflicts:
+        raise DataError(f"{where}: {len(conflicts)} image(s) listed twice (compared by real path); keep one row "
+                        f"per image, or give the copies one label and one group:{listing(conflicts)}")
+    i, j, real = dups[0]
+    warnings.warn(f"{where}: {len(dups)} image file(s) are listed on two rows, e.g. {row(i)} and {row(j)} are both "
+                  f"{real}" + ("; each id gets its own prediction" if labels.isna().all() else
+                               "; same label and group, so they stay in one fold, but the image counts twice"),
+                  UserWarning, stacklevel=3)
 
 
 def _id_from_path(given: str, absolute: str, base: Path) -> str:
@@ -294,6 +357,14 @@ def load_image_folder(root: str | os.PathLike, *, label_space: LabelSpace | None
         index[d.name] = label_space.classes.index(d.name)
     rows = [(f"{name}/{f.relative_to(root / name).as_posix()}", str(f), index[name])
             for name, files in per_class.items() for f in files]
+    dups = same_files([r[1] for r in rows])
+    if dups:
+        # A symlinked class folder (``loopcls -> .``) or file reaches an image twice, under two labels.
+        links = [f"{d.name} -> {os.readlink(d)}" for d in class_dirs if d.is_symlink()]
+        pairs = [f"{rows[i][0]!r} and {rows[j][0]!r} are both {real}" for i, j, real in dups]
+        raise DataError(f"image folder {root}: {len(dups)} image file(s) are reached twice (compared by real path)"
+                        + (f"; symlinked class folder(s): {', '.join(links)}" if links else "")
+                        + f"; remove the link or the copy:{listing(pairs)}")
     frame = pd.DataFrame(rows, columns=["id", "path", "label"])
     frame["label"] = frame["label"].astype("Int64")
     frame["group"] = frame["id"]

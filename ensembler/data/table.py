@@ -23,6 +23,19 @@ from ..labels import LabelSpace
 CORE_COLUMNS = ("id", "path", "label", "group")
 
 
+def _check_utf8(frame: pd.DataFrame) -> None:
+    """A file name that is not valid UTF-8 (read from disk as surrogate escapes) cannot go into a
+    logits file, a ledger or a submission: refused now, naming the file, not after every image ran."""
+    for col in ("path", "id"):
+        for i, v in enumerate(frame[col]):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise DataError(f"{col} of row {i} is not valid UTF-8: {shown!r}; rename the file "
+                                "(e.g. convmv -f latin1 -t utf8) so ids, logits and submissions can hold it") from None
+
+
 @dataclass
 class SampleTable:
     """One row per image, plus the LabelSpace and a description of where it came from.
@@ -61,6 +74,7 @@ class SampleTable:
             if frame["fold"].isna().any():
                 raise DataError(f"rows without a fold, e.g. id {frame.loc[frame['fold'].isna(), 'id'].iloc[0]!r}")
             frame["fold"] = frame["fold"].astype(np.int64)
+        _check_utf8(frame)
         dup = frame["id"].duplicated(keep=False)
         if dup.any():
             first = frame.loc[dup, "id"].iloc[0]
@@ -183,6 +197,9 @@ class SampleTable:
         """The frame as ``data split`` writes it: id, path, label, group[, fold], class_name, rest."""
         frame = self.frame.copy()
         frame["class_name"] = self.class_names()
+        if self.label_space is not None and self.label_space.integer_named:
+            # Integer class names are written as themselves (a row labelled -1 stays -1).
+            frame["label"] = pd.array([pd.NA if n == "" else int(n) for n in frame["class_name"]], dtype="Int64")
         first = [c for c in ("id", "path", "label", "group", "fold", "class_name") if c in frame.columns]
         return frame[first + [c for c in frame.columns if c not in first]]
 

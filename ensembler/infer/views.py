@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import EnsemblerError
+from ..preprocess import MAX_INPUT_SIZE
 
 __all__ = ["TTAError", "View", "TTAPlan", "parse_tta", "apply_view", "build_views"]
 
@@ -53,6 +54,8 @@ class TTAError(EnsemblerError, ValueError):
 # A primitive op is a tuple: ("hflip",), ("vflip",), ("rot90", k), ("crop", anchor, h, w),
 # ("scale", factor). Ops are plain data so plans can be compared, hashed and printed.
 _CROP_ANCHORS = ("lt", "lb", "rb", "rt", "center")  # ttach FiveCrops order
+MAX_SCALE = 4.0   # largest scales= factor; views stack in one batch, so 1000x is an OOM kill
+MAX_VIEWS = 128   # views per plan (d4 + ten-crop is 80)
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,8 @@ def _parse_size(name: str, arg: str | None, token: str) -> tuple[int, int]:
         raise TTAError(f"bad TTA token {token!r}: {name} needs a size in pixels, e.g. {name}=224 or {name}=224x192")
     h = int(m.group(1))
     w = int(m.group(2)) if m.group(2) is not None else h
+    if max(h, w) > MAX_INPUT_SIZE:
+        raise TTAError(f"bad TTA token {token!r}: {name} is over the limit of {MAX_INPUT_SIZE} pixels per side")
     return h, w
 
 
@@ -207,8 +212,9 @@ def _parse_token(token: str) -> _Token:
             factors = [float(f) for f in (arg or "").split(",") if f.strip()]
         except ValueError:
             factors = []
-        if not factors or any(not math.isfinite(f) or f <= 0 for f in factors):
-            raise TTAError(f"bad TTA token {token!r}: scales needs positive factors, e.g. scales=0.9,1.0,1.1")
+        if not factors or any(not math.isfinite(f) or not 0 < f <= MAX_SCALE for f in factors):
+            raise TTAError(f"bad TTA token {token!r}: scales needs positive factors up to {MAX_SCALE:g}, e.g. "
+                           "scales=0.9,1.0,1.1 (a view larger than that asks for memory no GPU has)")
         if len(set(factors)) != len(factors):
             raise TTAError(f"bad TTA token {token!r}: a scale factor is repeated")
         opts = tuple(((("scale", f),) if f != 1.0 else ()) for f in factors)
@@ -250,6 +256,9 @@ def parse_tta(spec: "str | TTAPlan | None") -> TTAPlan:
     if any(not p.strip() for p in parts):
         raise TTAError(f"bad TTA plan {spec!r}: empty token around '+'; valid tokens: {_TOKEN_HELP}")
     tokens = tuple(_parse_token(p) for p in parts)
+    if math.prod(len(t.options) for t in tokens) > MAX_VIEWS:
+        raise TTAError(f"bad TTA plan {spec!r}: {math.prod(len(t.options) for t in tokens)} views, more than "
+                       f"the limit of {MAX_VIEWS}")
     names = [t.text.split("=")[0] for t in tokens]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 from .._io import sha256_file
 from ..errors import RegistryError
 from ..labels import LabelSpace
-from ..preprocess import Preprocess
+from ..preprocess import Preprocess, check_input_size
 from .entry import Entry
 from .weights import default_model_kwargs
 
@@ -57,6 +57,8 @@ def import_checkpoint(registry, path, *, arch: str, num_classes: int | None = No
     ls = label_space_for_import(num_classes, label_space)
     if family is None:
         family = family_from_path(path)
+    if img_size is not None:
+        check_input_size(img_size, "--img-size")
     pre = Preprocess.from_timm(arch, img_size)
     model_kwargs = default_model_kwargs(arch, pre)
     outside = read_outside_checkpoint(path, use_ema=use_ema)
@@ -100,12 +102,16 @@ def select_model_keys(state: dict, expected: Mapping[str, tuple]) -> tuple[dict,
 def label_space_for_import(num_classes, label_space) -> LabelSpace:
     """The imported model's classes: a LabelSpace, its dict, class names, or "0".."N-1"."""
     if label_space is not None:
-        if isinstance(label_space, LabelSpace):
-            ls = label_space
-        elif isinstance(label_space, Mapping):
-            ls = LabelSpace.from_dict(dict(label_space))
-        else:
-            ls = LabelSpace(tuple(str(c) for c in label_space))
+        flag = "--classes" if not isinstance(label_space, (LabelSpace, Mapping)) else "--label-space"
+        try:
+            if isinstance(label_space, LabelSpace):
+                ls = label_space
+            elif isinstance(label_space, Mapping):
+                ls = LabelSpace.from_dict(dict(label_space))
+            else:
+                ls = LabelSpace(tuple(str(c) for c in label_space))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise RegistryError(f"{flag}: not a valid set of classes ({exc})") from None
         if num_classes is not None and int(num_classes) != ls.num_classes:
             raise RegistryError(
                 f"--num-classes {num_classes} disagrees with the {ls.num_classes} classes given")

@@ -232,7 +232,9 @@ class TrainConfig:
             if not os.path.isfile(self.pretrained_path):
                 raise EnsemblerError(f"--pretrained-path {self.pretrained_path}: no such file")
         if self.img_size is not None:
-            _check_int(self.img_size, "--img-size", 8)
+            from ..preprocess import check_input_size
+
+            check_input_size(self.img_size, "--img-size")
         if self.patience is not None:
             _check_int(self.patience, "--patience", 1)
         self.loss_weights = parse_loss_weights(self.loss_weights) or None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,9 +188,6 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
     >>> result = train_folds(table, cfg, Registry("checkpoints"))  # doctest: +SKIP
     >>> result.oof_f1  # doctest: +SKIP
     """
-    import torch
-    from rich.markup import escape
-
     from ..data import split_folds
 
     config.validate()
@@ -205,6 +203,66 @@ def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, 
     runner = FoldRunner(split=split, targets=targets, label_space=label_space, config=config,
                         registry=registry, family=family, resume=resume)
     runner.prepare(run_fold_ids)  # pretrained weights missing -> clean error, nothing written yet
+    fresh = not fam_dir.exists()
+    with _family_lock(fam_dir, family):
+        if not resume and (fam_dir / "run.json").is_file():  # another process started it meanwhile
+            raise EnsemblerError(f"family {family!r} already exists in the registry: pass --resume to continue "
+                                 "it, or choose another --family")
+        try:
+            return _train_family(split, targets, label_space, config, registry, family, fam_dir, run_fold_ids,
+                                 runner, progress, resume, console)
+        except EnsemblerError as exc:
+            if fresh and not resume and _nothing_to_resume(registry, family, fam_dir):
+                # A fresh run that failed before any fold finished or saved a resumable epoch (a full
+                # disk, a diverged loss) leaves nothing behind: no run.json blocking the same command.
+                shutil.rmtree(fam_dir, ignore_errors=True)
+                exc.args = (f"{exc} (nothing of family {family!r} was kept)", *exc.args[1:])
+            raise
+
+
+def _family_lock(fam_dir: Path, family: str):
+    """Held while a family trains: a second ``train-folds`` (or ``--resume``) of the same family
+    is refused at once instead of training the same fold twice."""
+    from filelock import FileLock, Timeout
+
+    try:
+        fam_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from .._io import write_error
+
+        raise write_error(fam_dir, exc, "create the family folder") from exc
+    lock = FileLock(str(fam_dir / ".train.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise EnsemblerError(f"family {family!r} is being trained by another process right now (lock "
+                             f"{fam_dir / '.train.lock'}); wait for it to finish, then --resume") from None
+    return _Release(lock)
+
+
+class _Release:
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self.lock
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _nothing_to_resume(registry, family: str, fam_dir: Path) -> bool:
+    """No registered fold and no saved epoch (``state.pt``): a failed run that can only restart."""
+    from .state import STATE_NAME
+
+    return not _family_entries(registry, family) and not any(fam_dir.glob(f"fold*/{STATE_NAME}"))
+
+
+def _train_family(split, targets, label_space, config, registry, family, fam_dir, run_fold_ids, runner, progress,
+                  resume, console) -> FamilyResult:
+    import torch
+    from rich.markup import escape
+
     _check_or_write_run(fam_dir / "run.json", config, split, label_space, resume)
     reporter = None
     if progress:

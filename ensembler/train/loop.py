@@ -203,6 +203,12 @@ def run_fold(
         with torch.no_grad():
             val_loss = float(loss_fn(outputs, targets))
             logits = to_logits(outputs).float().numpy()
+        if not (math.isfinite(val_loss) and math.isfinite(train_loss) and np.isfinite(logits).all()):
+            # Diverged weights (e.g. --lr 1e9): refused here, never recorded as NaN metrics.
+            raise EnsemblerError(
+                f"training diverged at epoch {epoch}: train loss {train_loss}, validation loss {val_loss}"
+                + ("" if np.isfinite(logits).all() else ", non-finite validation logits")
+                + "; lower --lr" + (" or drop --amp" if s.amp_dtype is not None else ""))
         pred = logits.argmax(1)
         y = targets.numpy()
         record = EpochRecord(
