@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import EnsemblerError, RegistryError
 from .labels import LabelSpace, factored_to_joint_logprobs
+from .names import HEADS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
-
-HEADS = ("flat", "factored")
 
 #: Suffixes :func:`load_outside_state_dict` reads. ``.ckpt`` is PyTorch Lightning's.
 CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".ckpt", ".safetensors")

@@ -34,6 +34,7 @@ AUGMENT_LEVELS = ("standard", "light", "flip", "none")   # what train_transform 
 AUGMENTS = ("auto",) + AUGMENT_LEVELS                    # what --augment takes (auto: by data and regime)
 CROPS = ("timm", "full")
 REGIMES = ("fine-tune", "from-scratch")
+TARGETS = ("mask", "gender", "age")                      # per-factor models of the mask data
 
 # ---------------------------------------------------------------- inference (ensembler.infer)
 BACKENDS = ("torch", "onnx")

@@ -11,6 +11,7 @@ from functools import lru_cache
 from rich.markup import escape
 
 from ..errors import EnsemblerError
+from ..names import AMP_MODES, BACKENDS, MERGE_RULE_NAMES, SOURCE_KINDS, TTA_TOKENS
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +70,7 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         metavar="SPEC",
         help="a CSV manifest, an image-folder tree, a mask-competition folder, or the word 'digits'",
     )
-    p.add_argument("--source", choices=("csv", "folder", "mask", "digits"), default=None,
+    p.add_argument("--source", choices=SOURCE_KINDS, default=None,
                    help="force the kind of --data instead of detecting it")
     p.add_argument("--age-bands", default=None, metavar="LO,HI",
                    help="mask data: age thresholds, e.g. 29,58 (default 30,60)")
@@ -92,11 +93,10 @@ def add_engine_args(p: argparse.ArgumentParser, *, views: bool = True, amp: bool
     """
     if views:
         p.add_argument("--tta", default="none", metavar="PLAN",
-                       help="TTA plan: none, hflip, vflip, flip, d4, center-crop=S, five-crop=S, ten-crop=S, "
-                            "scales=0.9,1,1.1; combine with '+' (default none)")
+                       help=f"TTA plan: {', '.join(TTA_TOKENS)}; combine with '+' (default none)")
         p.add_argument("--merge", default="mean-logits", metavar="RULE",
-                       help="merge over TTA views: mean-logits (default), mean-probs, gmean-probs, max-probs")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+                       help=f"merge over TTA views: {', '.join(MERGE_RULE_NAMES)} (default mean-logits)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="force a forward pass instead of reusing cached logits")
     p.add_argument("--cache-dir", default=None, metavar="PATH",
@@ -105,7 +105,7 @@ def add_engine_args(p: argparse.ArgumentParser, *, views: bool = True, amp: bool
     p.add_argument("--workers", type=int, default=None, help=f"decode processes (default {default_workers()})")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     if amp:
-        p.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
+        p.add_argument("--amp", choices=AMP_MODES, default="auto",
                        help="autocast precision on CUDA (default auto: bf16 where supported)")
 
 

@@ -1,7 +1,7 @@
 """`ensembler tune-weights`: tune an ensemble on OOF logits, print the evidence, write a Recipe.
 
-Parsing and printing only; the work is :func:`ensembler.ensemble.load_members` and
-:func:`ensembler.ensemble.tune_weights`.
+Parsing and printing only; the work (members, tuning, charts, the recipe written last) is one
+call, :func:`ensembler.ensemble.tune_recipe`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import EnsemblerError
+from ..names import TUNING_METHODS, TUNING_METRICS
 from ._common import add_registry_arg, console, err_console
 
 
@@ -29,10 +29,10 @@ def register(sub) -> None:
     add_registry_arg(p)
     p.add_argument("--oof", nargs="+", action="extend", default=[], metavar="FILE",
                    help="raw OOF .npz files (ids, logits, labels, folds), each a member named by its file stem")
-    p.add_argument("--method", choices=("caruana", "scipy", "stack"), default="caruana",
+    p.add_argument("--method", choices=TUNING_METHODS, default="caruana",
                    help="caruana: greedy selection with replacement; scipy: simplex weights minimising log-loss; "
                         "stack: multinomial logistic regression on the members' log-probabilities, C by inner CV")
-    p.add_argument("--metric", choices=("f1", "acc", "logloss"), default="f1",
+    p.add_argument("--metric", choices=TUNING_METRICS, default="f1",
                    help="metric Caruana selects for, class biases maximise and the honest score reports")
     p.add_argument("--rounds", type=int, default=50, help="Caruana rounds (default 50)")
     p.add_argument("--temperature", action=argparse.BooleanOptionalAction, default=True,
@@ -53,43 +53,19 @@ def _fmt(x, digits=4):
 
 
 def tune_weights_command(args) -> int:
-    from ..ensemble import load_members, tune_weights
+    from ..ensemble import tune_recipe
 
-    if args.class_bias and args.metric == "logloss":
-        raise EnsemblerError("--class-bias tunes decisions for --metric f1 or acc, not logloss")
-    if args.rounds < 1:
-        raise EnsemblerError(f"--rounds must be at least 1, got {args.rounds}")
-    out = Path(args.out)
-    plot_dir = Path(args.plots) if args.plots else out.parent / f"{out.stem}_plots"
-    from .._io import refuse_existing
-    from ..ensemble.plots import PLOT_NAMES
-
-    # Before any tuning: an existing recipe or chart is kept unless --overwrite.
-    refuse_existing(out, overwrite=args.overwrite)
-    if args.make_plots:
-        refuse_existing([plot_dir / n for n in PLOT_NAMES], overwrite=args.overwrite, flag="--plots")
-    members = load_members(args.members, registry=args.registry, oof_files=args.oof)
+    plots = (Path(args.plots) if args.plots else True) if args.make_plots else False
     status = err_console().status("tuning...")
     with status:
-        try:
-            result = tune_weights(members, method=args.method, metric=args.metric, rounds=args.rounds,
-                                  temperature=args.temperature, class_bias=args.class_bias, honest=args.honest,
-                                  progress=lambda msg: status.update(msg))
-        except ValueError as exc:
-            if isinstance(exc, EnsemblerError):
-                raise
-            raise EnsemblerError(str(exc)) from None
-    _print_table(result, args)
-    plot_paths = {}
-    if args.make_plots:
-        from ..ensemble.plots import write_tuning_plots
-
-        plot_paths = write_tuning_plots(result, plot_dir)
-    # The recipe goes last: a run that failed anywhere above leaves no recipe behind.
-    result.recipe.save(out)
+        run = tune_recipe(args.members, out=args.out, registry=args.registry, oof_files=args.oof, plots=plots,
+                          method=args.method, metric=args.metric, rounds=args.rounds, temperature=args.temperature,
+                          class_bias=args.class_bias, honest=args.honest, overwrite=args.overwrite,
+                          progress=lambda msg: status.update(msg))
+    _print_table(run.result, args)
     con = console()
-    con.print(f"recipe: [bold]{out}[/] (hash {result.recipe.hash()[:12]})")
-    for name, path in plot_paths.items():
+    con.print(f"recipe: [bold]{run.recipe_path}[/] (hash {run.result.recipe.hash()[:12]})")
+    for name, path in run.plots.items():
         con.print(f"{name} chart: {path}")
     return 0
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from .._io import refuse_existing
 from ..errors import EnsemblerError
+from ..names import VOTE_RULES
 from ._common import (add_data_args, add_engine_args, add_registry_arg, console, default_workers, err_console,
                       parse_float_list, printed_warnings)
-
-VOTES = ("hard", "soft", "weighted", "gmean", "logits")
 
 
 def register(sub) -> None:
@@ -27,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--members", default="all", metavar="all|NAMES",
                    help="'all', or comma-separated family names / checkpoint ids; 'a+b+c' composes per-factor "
                         "members into the joint space (default all; ignored with --recipe)")
-    p.add_argument("--vote", choices=VOTES, default="soft",
+    p.add_argument("--vote", choices=VOTE_RULES, default="soft",
                    help="hard (ties to the smallest class), soft, weighted (needs --weights), gmean, logits")
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member, in --members order")
     p.add_argument("--recipe", default=None, metavar="FILE",
@@ -52,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--members", default=None, metavar="all|NAMES",
                    help="without --logits: run these registry members over labeled --data and combine them with "
                         "--vote; with --logits of `ensembler infer` output: the members to use (default all)")
-    p.add_argument("--vote", choices=VOTES, default="soft", help="how several members are combined (default soft)")
+    p.add_argument("--vote", choices=VOTE_RULES, default="soft", help="how several members are combined (default soft)")
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member")
     add_engine_args(p)
     p.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix there (default: none)")

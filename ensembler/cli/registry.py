@@ -9,6 +9,7 @@ import argparse
 import json
 
 from ..errors import EnsemblerError
+from ..names import HEADS
 from ._common import add_group, add_registry_arg, console, err_console
 
 
@@ -46,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--fold", type=int, default=None, help="fold index")
     p.add_argument("--id", dest="entry_id", default=None, help="entry id (default: FAMILY-foldK or FAMILY)")
     p.add_argument("--img-size", default=None, metavar="S|H,W", help="input size (default: the arch's)")
-    p.add_argument("--head", choices=("flat", "factored"), default="flat")
+    p.add_argument("--head", choices=HEADS, default="flat")
     p.add_argument("--target", default=None, metavar="FACTOR", help="factor predicted by a per-factor model")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="use the EMA weights")

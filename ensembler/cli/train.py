@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..names import AUGMENTS, CROPS, HEADS, LOSS_NAMES, MONITORS, OPTIMIZERS, SCHEDULERS, TARGETS
 from ._common import add_data_args, add_registry_arg, console, err_console, parse_int_list, printed_warnings
 
 _EPILOG = """\
@@ -39,9 +40,9 @@ def register(sub) -> None:
     add_registry_arg(p)
     g = p.add_argument_group("model")
     g.add_argument("--arch", required=True, help="timm architecture, e.g. resnet18, efficientnet_b3, swin_base_patch4_window7_224")
-    g.add_argument("--head", choices=("flat", "factored"), default="flat",
+    g.add_argument("--head", choices=HEADS, default="flat",
                    help="flat: one logit per class; factored: one block per factor (mask data) (default flat)")
-    g.add_argument("--target", choices=("mask", "gender", "age"), default=None,
+    g.add_argument("--target", choices=TARGETS, default=None,
                    help="train a per-factor model predicting only this factor (mask data)")
     g.add_argument("--img-size", type=int, default=None, metavar="PX", help="input size (default: the arch's own)")
     g.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
@@ -65,27 +66,27 @@ def register(sub) -> None:
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default by regime: 3e-4 fine-tuning pretrained weights, 3e-3 from scratch)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (default 0.01)")
-    g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw", help="default adamw")
-    g.add_argument("--scheduler", choices=("cosine", "cosine-restarts", "step", "none"), default="cosine",
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="default adamw")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="cosine",
                    help="LR schedule after warm-up, stepped per batch (default cosine)")
     g.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up epochs, capped at a quarter of the run (default by regime: 1 fine-tuning, 0.3 from scratch)")
-    g.add_argument("--loss", choices=("ce", "focal", "label-smoothing", "f1", "mix"), default="ce",
+    g.add_argument("--loss", choices=LOSS_NAMES, default="ce",
                    help="ce, focal, label-smoothing, f1 (soft macro-F1) or mix (default ce)")
     g.add_argument("--loss-weights", default=None, metavar="ce=0.3,f1=0.7", help="weights of --loss mix")
     g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")
     g.add_argument("--augment", nargs="?", const="standard", default="auto",
-                   choices=("auto", "standard", "light", "flip", "none"),
+                   choices=AUGMENTS,
                    help="train-time augmentation: standard (random-resized crop+flip+colour), light "
                    "(small crop+rotation, no flip: digits/text), flip (eval geometry + flip), none; auto = by "
                    "regime: standard fine-tuning, flip from scratch (digits: light, none) (default auto; "
                    "bare --augment = standard)")
-    g.add_argument("--crop", choices=("timm", "full"), default=None,
+    g.add_argument("--crop", choices=CROPS, default=None,
                    help="eval geometry stored with each checkpoint: timm (the arch's centre crop) or full (the whole "
                         "image resized, nothing cut) (default by regime: timm fine-tuning, full from scratch)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="= --augment none")
-    g.add_argument("--monitor", choices=("f1", "acc", "loss"), default="f1",
+    g.add_argument("--monitor", choices=MONITORS, default="f1",
                    help="validation metric that picks the best epoch (default f1 = macro-F1)")
     g.add_argument("--patience", type=int, default=5,
                    help="stop a fold after this many epochs without improvement; 0 = never (default 5)")

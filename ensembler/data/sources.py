@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import DataError
 from ..labels import LabelSpace, validate_age_bands
+from ..names import SOURCE_KINDS
 from ._common import (
     IMAGE_EXTENSIONS,
     check_files,
@@ -34,8 +35,6 @@ from .digits import load_digits_table
 from .mask import is_mask_info_csv, load_mask, mask_layout
 from .split import check_folds
 from .table import SampleTable
-
-SOURCE_KINDS = ("csv", "folder", "mask", "digits")
 
 
 def load_source(spec, *, source: str | None = None, age_bands: Sequence[int] | None = None,

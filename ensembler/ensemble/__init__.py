@@ -8,6 +8,12 @@ What ``predict`` needs::
     pred, probs = recipe.apply({name: logits_n_by_c, ...})    # temperatures, weights, biases
     # or, without a recipe:
     result = vote({name: logits, ...}, rule="hard")           # result.pred, .probs, .tie_rate
+
+What ``tune-weights`` runs (members in, charts and then the recipe on disk)::
+
+    from ensembler.ensemble import tune_recipe
+    run = tune_recipe("all", registry="checkpoints", out="recipe.json", metric="f1")
+    run.result.rows, run.recipe_path, run.plots
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .blend import (
 from .choice import Candidate, Decision, choose
 from .stacking import StackFit, fit_stack
 from .tuning import TuneResult, honest_score, temperature_at_bound, tune_weights
+from .tune_run import TuneRun, default_plot_dir, tune_recipe
 from .voting import VOTE_RULES, VoteResult, check_weights, stack_member_logits, tie_rate, vote
 
 __all__ = [
@@ -49,6 +56,7 @@ __all__ = [
     "RecipeMember",
     "TemperatureFit",
     "TuneResult",
+    "TuneRun",
     "VoteResult",
     "align_members",
     "apply_temperature",
@@ -58,6 +66,7 @@ __all__ = [
     "check_weights",
     "choose",
     "compose_members",
+    "default_plot_dir",
     "fit_blend",
     "fit_stack",
     "fit_class_biases",
@@ -72,6 +81,7 @@ __all__ = [
     "stack_member_logits",
     "temperature_at_bound",
     "tie_rate",
+    "tune_recipe",
     "tune_weights",
     "vote",
 ]

@@ -32,6 +32,7 @@ import numpy as np
 from ..device import resolve_device
 from ..errors import DataError, EnsemblerError, ImageDecodeError, LogitError
 from ..logits import Logits
+from ..names import BACKENDS
 from ..progress import Ticker
 from .store import LogitStore, default_cache_dir
 from .tta import check_merge, default_chunk_size, forward_chunked, merge_views
@@ -42,8 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["BACKENDS", "TorchForward", "check_run_args", "checkpoint_view_logits",
            "load_forward", "make_decode_loader", "predict_members", "raise_decode_errors", "resolve_precision"]
-
-BACKENDS = ("torch", "onnx")
 
 
 # ---------------------------------------------------------------------------- decoding

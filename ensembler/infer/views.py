@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import EnsemblerError
+from ..names import TTA_TOKENS
 from ..preprocess import MAX_INPUT_SIZE
 
 __all__ = ["TTAError", "View", "TTAPlan", "parse_tta", "apply_view", "build_views"]
@@ -160,10 +161,7 @@ class TTAPlan:
                 raise TTAError(f"TTA plan {self.spec!r}: view {view.name} of a {h}x{w} input is empty")
 
 
-_TOKEN_HELP = (
-    "none, hflip, vflip, flip, d4, center-crop=S|HxW, five-crop=S|HxW, ten-crop=S|HxW, "
-    "scales=F1,F2,... (combine with '+', e.g. 'hflip+five-crop=224')"
-)
+_TOKEN_HELP = f"{', '.join(TTA_TOKENS)} (S: a size, S or HxW; combine with '+', e.g. 'hflip+five-crop=224')"
 
 
 def _parse_size(name: str, arg: str | None, token: str) -> tuple[int, int]:

@@ -49,16 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import EnsemblerError
+from ..names import AUGMENTS, CROPS, HEADS, MONITORS, OPTIMIZERS, REGIMES, SCHEDULERS, TARGETS
 from .losses import LOSS_NAMES, parse_loss_weights
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "cosine-restarts", "step", "none")
-HEADS = ("flat", "factored")
-MONITORS = ("f1", "acc", "loss")
-TARGETS = ("mask", "gender", "age")
-AUGMENTS = ("auto", "standard", "light", "flip", "none")
-CROPS = ("timm", "full")
-REGIMES = ("fine-tune", "from-scratch")
 
 #: Defaults that depend on whether training starts from pretrained weights (see the module docstring).
 REGIME_DEFAULTS = {

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import EnsemblerError
+from ..names import AUGMENT_LEVELS
 from ..preprocess import Preprocess
-
-AUGMENT_LEVELS = ("standard", "light", "flip", "none")
 
 
 # ``auto`` on digits (a mirrored digit is another class, so never ``flip`` or ``standard``):

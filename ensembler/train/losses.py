@@ -27,8 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import EnsemblerError
-
-LOSS_NAMES = ("ce", "focal", "label-smoothing", "f1", "mix")
+from ..names import LOSS_NAMES
 
 
 # ---------------------------------------------------------------------------- functional
