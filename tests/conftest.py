@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny synthetic datasets written to temp folders."""
+"""Shared test helpers: tiny synthetic datasets, a tiny model, a malicious pickle, a wide console.
+
+Helpers are plain functions (import them: ``from conftest import write_image_table``) or
+fixtures (``wide_console``, ``one_torch_thread``, ``mask_tree``, ``mask_eval``).
+"""
 
 from __future__ import annotations
 
@@ -57,6 +61,64 @@ def write_mask_eval(root: Path, n: int = 6, size=(24, 32), seed: int = 1) -> Pat
         rows.append(f"{name},0")
     (root / "info.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def write_image_table(folder: Path, label_space, n: int = 7, *, size=(32, 32), ext="png", seed: int = 0,
+                      name: str = "img{i}", id: str = "s{i}"):
+    """``n`` random RGB images in ``folder`` and the labeled :class:`SampleTable` over them.
+
+    ``size`` is ``(H, W)`` or a function ``i -> (H, W)``; ``ext`` a suffix or a function
+    ``i -> suffix``; labels cycle ``i % num_classes``, one group per image.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    from ensembler.data import SampleTable
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        h, w = size(i) if callable(size) else size
+        path = folder / f"{name.format(i=i)}.{ext(i) if callable(ext) else ext}"
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path)
+        rows.append({"id": id.format(i=i), "path": str(path), "label": i % label_space.num_classes,
+                     "group": f"g{i}"})
+    return SampleTable(pd.DataFrame(rows), label_space, {"kind": "csv", "path": str(folder)})
+
+
+def tiny_model(arch: str = "test_resnet", num_classes: int = 3, seed: int = 0, **kw):
+    """A seeded timm test network in eval mode (no download)."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return timm.create_model(arch, num_classes=num_classes, **kw).eval()
+
+
+class RunsCode:
+    """A pickle payload that creates ``marker`` when unpickled: a loader that lets it run
+    executes arbitrary code. Tests assert the marker never appears."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def wide_console(monkeypatch):
+    """The CLI's cached rich consoles, rebuilt 200 columns wide (tables do not wrap ids and
+    hashes), and dropped again after the test."""
+    from ensembler.cli import _common
+
+    monkeypatch.setenv("COLUMNS", "200")
+    _common.console.cache_clear()
+    _common.err_console.cache_clear()
+    yield
+    _common.console.cache_clear()
+    _common.err_console.cache_clear()
 
 
 @pytest.fixture

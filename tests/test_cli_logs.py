@@ -109,22 +109,17 @@ def test_ticker_prints_steady_lines_in_a_log_file(monkeypatch):
     assert len(lines) == 3
 
 
-def test_warnings_are_printed_when_they_arise(capsys, monkeypatch):
+def test_warnings_are_printed_when_they_arise(capsys, wide_console):
     import warnings
 
     from ensembler.cli import _common
 
-    monkeypatch.setenv("COLUMNS", "200")
-    _common.err_console.cache_clear()
-    try:
-        with _common.printed_warnings():
-            warnings.warn("3 class(es) span fewer than k=5 groups", UserWarning)
-            first = capsys.readouterr().err  # already printed, before the work goes on
-            warnings.warn("3 class(es) span fewer than k=5 groups", UserWarning)  # once only
-        assert "warning: 3 class(es) span fewer than k=5 groups" in first
-        assert capsys.readouterr().err == ""
-    finally:
-        _common.err_console.cache_clear()
+    with _common.printed_warnings():
+        warnings.warn("3 class(es) span fewer than k=5 groups", UserWarning)
+        first = capsys.readouterr().err  # already printed, before the work goes on
+        warnings.warn("3 class(es) span fewer than k=5 groups", UserWarning)  # once only
+    assert "warning: 3 class(es) span fewer than k=5 groups" in first
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])

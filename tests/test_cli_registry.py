@@ -12,17 +12,7 @@ from ensembler.cli import main
 from ensembler.registry import Registry
 
 
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    # rich wraps tables at the terminal width; a wide one keeps ids and hashes on one line.
-    from ensembler.cli import _common
-
-    monkeypatch.setenv("COLUMNS", "200")
-    _common.console.cache_clear()
-    _common.err_console.cache_clear()
-    yield
-    _common.console.cache_clear()
-    _common.err_console.cache_clear()
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def _err(capsys) -> str:

@@ -13,15 +13,6 @@ from ensembler.demo import MARKER, OUTPUTS, _prepare_out_dir
 from ensembler.errors import EnsemblerError
 
 
-def _wide_console(monkeypatch):
-    """The CLI's cached rich consoles, rebuilt 200 columns wide so printed lines do not wrap."""
-    from ensembler.cli import _common
-
-    monkeypatch.setenv("COLUMNS", "200")
-    _common.console.cache_clear()
-    _common.err_console.cache_clear()
-
-
 def test_demo_never_clears_a_folder_that_is_not_a_demo_folder(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("keep me")
@@ -80,8 +71,7 @@ def _check_run(out_dir, text):
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_end_to_end_and_reruns(tmp_path, capsys, monkeypatch):
-    _wide_console(monkeypatch)
+def test_demo_quick_runs_end_to_end_and_reruns(tmp_path, capsys, wide_console):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     _check_run(out, capsys.readouterr().out)
@@ -90,8 +80,7 @@ def test_demo_quick_runs_end_to_end_and_reruns(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_full_demo_prints_tuned_ensemble_next_to_every_member(tmp_path, capsys, monkeypatch):
-    _wide_console(monkeypatch)
+def test_full_demo_prints_tuned_ensemble_next_to_every_member(tmp_path, capsys, wide_console):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     rows = _check_run(out, capsys.readouterr().out)

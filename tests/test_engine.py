@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -18,22 +17,15 @@ from ensembler.models import create_model, joint_logits
 from ensembler.preprocess import Preprocess
 from ensembler.registry import Registry
 
+from conftest import write_image_table
+
 LABELS = LabelSpace(("cat", "dog", "fox"))
 
 
 def _write_images(folder, n=7, seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        # different sizes and aspect ratios: each member's resize/crop matters
-        h, w = 36 + 3 * i, 48 - 2 * i
-        path = folder / f"img{i}.{'png' if i % 2 else 'jpg'}"
-        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path)
-        rows.append({"id": f"s{i}", "path": str(path), "label": i % 3, "group": f"g{i}"})
-    return SampleTable(pd.DataFrame(rows), LABELS, {"kind": "csv", "path": str(folder)})
+    # different sizes and aspect ratios: each member's resize/crop matters
+    return write_image_table(folder, LABELS, n, seed=seed, size=lambda i: (36 + 3 * i, 48 - 2 * i),
+                             ext=lambda i: "png" if i % 2 else "jpg")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-import timm
 import torch
 
 from ensembler import EnsemblerError, LabelSpace, RegistryError
@@ -20,12 +19,9 @@ from ensembler.models import (
     read_outside_checkpoint,
 )
 
+from conftest import RunsCode, tiny_model
+
 ABC = LabelSpace(("a", "b", "c"))
-
-
-def _tiny(arch="test_resnet", num_classes=3, seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model(arch, num_classes=num_classes).eval()
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -106,7 +102,7 @@ def test_pretrained_download_failure_explains_the_way_out(monkeypatch):
 
 
 def test_pretrained_path_loads_backbone_and_reinitialises_other_head(tmp_path):
-    source = _tiny(num_classes=10, seed=1)
+    source = tiny_model(num_classes=10, seed=1)
     path = tmp_path / "backbone.pth"
     torch.save({"state_dict": source.state_dict()}, path)
     model = create_model("test_resnet", label_space=ABC, pretrained_path=path)
@@ -123,7 +119,7 @@ def test_pretrained_path_loads_backbone_and_reinitialises_other_head(tmp_path):
 @pytest.mark.parametrize("style", ["bare", "state_dict", "model", "module.", "_orig_mod.", "model.",
                                    "module._orig_mod."])
 def test_outside_wrapper_styles(tmp_path, style):
-    sd = _tiny().state_dict()
+    sd = tiny_model().state_dict()
     if style in ("bare",):
         obj = sd
     elif style in ("state_dict", "model"):
@@ -136,7 +132,7 @@ def test_outside_wrapper_styles(tmp_path, style):
 
 
 def test_outside_ema_choice_is_explicit(tmp_path):
-    plain, ema = _tiny(seed=0).state_dict(), _tiny(seed=1).state_dict()
+    plain, ema = tiny_model(seed=0).state_dict(), tiny_model(seed=1).state_dict()
     path = tmp_path / "both.pth"
     torch.save({"state_dict": plain, "state_dict_ema": ema}, path)
     with pytest.raises(RegistryError, match=r"both.pth holds both EMA.*--ema or --no-ema"):
@@ -158,41 +154,31 @@ def test_outside_ema_choice_is_explicit(tmp_path):
 def test_outside_safetensors_and_bin(tmp_path):
     from safetensors.torch import save_file
 
-    sd = _tiny().state_dict()
+    sd = tiny_model().state_dict()
     save_file({"_orig_mod." + k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
     assert _same(load_outside_state_dict(tmp_path / "m.safetensors"), sd)
     torch.save(sd, tmp_path / "pytorch_model.bin")
     assert _same(load_outside_state_dict(tmp_path / "pytorch_model.bin"), sd)
 
 
-class _RunsCode:
-    """Unpickling this creates a marker file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": _tiny().state_dict(), "payload": _RunsCode(marker)}, path)
+    torch.save({"state_dict": tiny_model().state_dict(), "payload": RunsCode(marker)}, path)
     assert not marker.exists()
     with pytest.raises(RegistryError, match=r"refused to load .*evil.pth.*arbitrary code"):
         load_outside_state_dict(path)
     assert not marker.exists()
     # the same with an old-style (non-zip) pickle
     legacy = tmp_path / "evil_legacy.pt"
-    torch.save(_RunsCode(marker), legacy, _use_new_zipfile_serialization=False)
+    torch.save(RunsCode(marker), legacy, _use_new_zipfile_serialization=False)
     with pytest.raises(RegistryError, match="refused to load"):
         load_outside_state_dict(legacy)
     assert not marker.exists()
 
 
 def test_outside_bad_files(tmp_path):
-    sd = _tiny().state_dict()
+    sd = tiny_model().state_dict()
     with pytest.raises(RegistryError, match="unknown checkpoint suffix '.npz'"):
         load_outside_state_dict(tmp_path / "x.npz")
     with pytest.raises(RegistryError, match="not found"):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from ensembler.data import SampleTable
 from ensembler.errors import IntegrityError
 from ensembler.infer import export_onnx, predict_members
 from ensembler.infer.onnx import load_onnx_forward, make_session, onnx_path
@@ -17,6 +15,8 @@ from ensembler.labels import LabelSpace
 from ensembler.models import create_model
 from ensembler.preprocess import Preprocess
 from ensembler.registry import Registry
+
+from conftest import write_image_table
 
 LABELS = LabelSpace(("a", "b", "c", "d"))
 
@@ -53,15 +53,7 @@ def test_export_parity_and_dynamic_batch(reg, entry_id):
 
 
 def test_onnx_backend_matches_torch_with_tta(reg, tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(5):
-        path = tmp_path / f"im{i}.jpg"
-        Image.fromarray(rng.integers(0, 256, size=(44, 50, 3), dtype=np.uint8)).save(path)
-        rows.append({"id": str(i), "path": str(path), "label": 0, "group": str(i)})
-    table = SampleTable(pd.DataFrame(rows), LABELS)
+    table = write_image_table(tmp_path, LABELS, 5, size=(44, 50), ext="jpg", name="im{i}", id="{i}")
     kw = dict(tta="flip+center-crop=28", cache_dir=tmp_path / "cache", progress=False, batch_size=2)
     eager = predict_members(table, "all", reg, backend="torch", **kw)
     # not exported yet: the onnx backend exports on first use (with the parity check)

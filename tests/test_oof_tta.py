@@ -186,14 +186,9 @@ def test_identity_mismatch_is_reported_with_its_size_not_raised(family, tmp_path
     assert "eval transform" in rep.identity_note and "oof.npz" in rep.identity_note
 
 
-def test_cli_prints_the_table_and_the_written_file(family, tmp_path, capsys, monkeypatch):
-    from ensembler.cli import _common
-
+def test_cli_prints_the_table_and_the_written_file(family, tmp_path, capsys, monkeypatch, wide_console):
     table, registry, fam, manifest = family
-    monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("ENSEMBLER_CACHE", str(tmp_path))
-    _common.console.cache_clear()
-    _common.err_console.cache_clear()
     rc = main(["tta-report", "--data", str(manifest), "--registry", str(registry.root), "--family", fam,
                "--tta", "hflip", "--all-merges", "--workers", "0"])
     out = capsys.readouterr().out

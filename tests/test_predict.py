@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ensembler.cli import main
-from ensembler.data import SampleTable, load_source
+from ensembler.data import load_source
 from ensembler.ensemble import Recipe, RecipeMember, vote
 from ensembler.errors import EnsemblerError, LogitError, ParameterError
 from ensembler.infer import predict_members
@@ -22,16 +22,7 @@ from ensembler.predict import predict
 from ensembler.preprocess import Preprocess
 from ensembler.registry import Registry
 
-from conftest import write_mask_eval
-
-def _wide_console(monkeypatch):
-    """The CLI's cached rich consoles, rebuilt 200 columns wide so printed lines do not wrap."""
-    from ensembler.cli import _common
-
-    monkeypatch.setenv("COLUMNS", "200")
-    _common.console.cache_clear()
-    _common.err_console.cache_clear()
-
+from conftest import write_image_table, write_mask_eval
 
 LABELS = LabelSpace(("cat", "dog", "fox"))
 PRE = Preprocess(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
@@ -39,16 +30,7 @@ PRE = Preprocess(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear", me
 
 
 def _images(folder, n=9, seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(path)
-        rows.append({"id": f"s{i}", "path": str(path), "label": i % 3, "group": f"g{i}"})
-    return SampleTable(pd.DataFrame(rows), LABELS, {"kind": "csv", "path": str(folder)})
+    return write_image_table(folder, LABELS, n, seed=seed)
 
 
 @pytest.fixture
@@ -325,11 +307,10 @@ def test_evaluate_members_scores_each_member_and_the_vote(setup):
 
 
 # ---------------------------------------------------------------------------- CLI
-def test_cli_predict_twice_says_identical_submission_exists(setup, capsys, monkeypatch):
+def test_cli_predict_twice_says_identical_submission_exists(setup, capsys, wide_console):
     table, reg, cache, subs = setup
     manifest = subs.parent / "data.csv"
     table.to_csv(manifest)
-    _wide_console(monkeypatch)
     args = ["predict", "--data", str(manifest), "--registry", str(reg.root), "--members", "res,eff", "--vote",
             "hard", "--tta", "hflip", "--cache-dir", str(cache), "--workers", "0", "--out", str(subs / "h.csv")]
     assert main(args) == 0
@@ -347,9 +328,8 @@ def test_cli_predict_twice_says_identical_submission_exists(setup, capsys, monke
     assert main(args + ["--overwrite"]) == 0
 
 
-def test_cli_evaluate_logits(setup, tmp_path, capsys, monkeypatch):
+def test_cli_evaluate_logits(setup, tmp_path, capsys, wide_console):
     table, reg, cache, _ = setup
-    _wide_console(monkeypatch)
     manifest = tmp_path / "data.csv"
     table.to_csv(manifest)
     logits = np.eye(3)[table.labels] * 3

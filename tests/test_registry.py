@@ -19,18 +19,15 @@ from ensembler import IntegrityError, LabelSpace, Preprocess, RegistryError
 from ensembler.models import joint_log_probs
 from ensembler.registry import Entry, Registry
 
+from conftest import RunsCode, tiny_model
+
 ABC = LabelSpace(("a", "b", "c"))
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def _tiny(arch="test_resnet", num_classes=3, seed=0, **kw):
-    torch.manual_seed(seed)
-    return timm.create_model(arch, num_classes=num_classes, **kw).eval()
-
-
 def _add(reg, family="r", fold=0, seed=0, **kw):
     kw.setdefault("label_space", ABC)
-    return reg.add(_tiny(seed=seed), family=family, fold=fold, arch="test_resnet", head="flat",
+    return reg.add(tiny_model(seed=seed), family=family, fold=fold, arch="test_resnet", head="flat",
                    preprocess=Preprocess.from_timm("test_resnet", 32), **kw)
 
 
@@ -56,7 +53,7 @@ ST_STYLES = ["bare", "module.", "_orig_mod."]  # safetensors holds a flat dict: 
 @pytest.mark.parametrize("suffix,style", [(".pth", s) for s in PTH_STYLES]
                          + [(".safetensors", s) for s in ST_STYLES])
 def test_import_round_trip_is_bit_identical(tmp_path, arch, suffix, style):
-    original = _tiny(arch, seed=1)
+    original = tiny_model(arch, seed=1)
     sd = original.state_dict()
     use_ema = None
     if style == "bare":
@@ -65,7 +62,7 @@ def test_import_round_trip_is_bit_identical(tmp_path, arch, suffix, style):
         obj = {style: sd, "epoch": 7}
     elif style == "state_dict_ema":
         # the EMA weights are the ones under test; the plain ones differ
-        obj = {"state_dict": _tiny(arch, seed=2).state_dict(), "state_dict_ema": sd}
+        obj = {"state_dict": tiny_model(arch, seed=2).state_dict(), "state_dict_ema": sd}
         use_ema = True
     else:
         obj = {style + k: v for k, v in sd.items()}
@@ -89,7 +86,7 @@ def test_import_round_trip_is_bit_identical(tmp_path, arch, suffix, style):
 def test_entry_fields_and_preprocess_stored(tmp_path):
     reg = Registry(tmp_path)
     pre = Preprocess.from_timm("test_efficientnet", 48, crop_pct=1.0)
-    entry = reg.add(_tiny("test_efficientnet"), family="eff", fold=2, arch="test_efficientnet",
+    entry = reg.add(tiny_model("test_efficientnet"), family="eff", fold=2, arch="test_efficientnet",
                     head="flat", label_space=ABC, preprocess=pre, metrics={"val_macro_f1": 0.5},
                     oof="eff/oof.npz", train_config={"lr": 0.01})
     raw = json.loads((tmp_path / "registry.json").read_text())
@@ -121,7 +118,7 @@ def test_factored_and_fixed_size_models_round_trip(tmp_path):
         lp = joint_log_probs(loaded(X32), e.head, e.labels)
     torch.testing.assert_close(lp.exp().sum(1), torch.ones(2))
     # a ViT stored at 32px needs img_size=32 to rebuild: recorded as model_kwargs
-    vit = _tiny("test_vit", img_size=32)
+    vit = tiny_model("test_vit", img_size=32)
     ev = reg.add(vit, family="vit", fold=0, arch="test_vit", head="flat", label_space=ABC,
                  preprocess=Preprocess.from_timm("test_vit", 32))
     assert ev.model_kwargs == {"img_size": [32, 32]}
@@ -225,7 +222,7 @@ def test_verify_catches_shape_mismatch_and_nan_even_with_matching_hash(tmp_path)
     reg = Registry(tmp_path)
     e = _add(reg)
     # rewrite the file with a NaN and "fix" the hash: the finiteness check still refuses it
-    sd = _tiny().state_dict()
+    sd = tiny_model().state_dict()
     sd["fc.bias"][0] = float("nan")
     path = reg.path(e.weights)
     save_file(sd, str(path))
@@ -235,7 +232,7 @@ def test_verify_catches_shape_mismatch_and_nan_even_with_matching_hash(tmp_path)
     with pytest.raises(IntegrityError, match=r"non-finite .*fc.bias"):
         reg.load_model(e.id)
     # wrong class count under a valid hash: verify names the keys and both shapes
-    save_file(_tiny(num_classes=4).state_dict(), str(path))
+    save_file(tiny_model(num_classes=4).state_dict(), str(path))
     raw["entries"][0]["sha256"] = sha256_file(path)
     (tmp_path / "registry.json").write_text(json.dumps(raw))
     (problem,) = reg.verify()
@@ -244,18 +241,18 @@ def test_verify_catches_shape_mismatch_and_nan_even_with_matching_hash(tmp_path)
 
 def test_add_refuses_non_finite_and_mismatched_weights(tmp_path):
     reg = Registry(tmp_path)
-    sd = _tiny().state_dict()
+    sd = tiny_model().state_dict()
     sd["fc.weight"][0, 0] = float("inf")
     with pytest.raises(RegistryError, match="non-finite .*fc.weight"):
         reg.add(sd, family="r", fold=0, arch="test_resnet", head="flat", label_space=ABC)
     with pytest.raises(RegistryError, match="fc.weight checkpoint"):
-        reg.add(_tiny(num_classes=5), family="r", fold=0, arch="test_resnet", head="flat", label_space=ABC)
+        reg.add(tiny_model(num_classes=5), family="r", fold=0, arch="test_resnet", head="flat", label_space=ABC)
     assert reg.entries() == [] and not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------------- import errors
 def test_import_class_count_mismatch_lists_head_keys(tmp_path):
-    torch.save(_tiny(num_classes=10).state_dict(), tmp_path / "ten.pth")
+    torch.save(tiny_model(num_classes=10).state_dict(), tmp_path / "ten.pth")
     reg = Registry(tmp_path / "reg")
     with pytest.raises(RegistryError, match=(
             r"ten.pth does not match test_resnet with a flat head of 3 outputs: shape mismatch: "
@@ -263,7 +260,7 @@ def test_import_class_count_mismatch_lists_head_keys(tmp_path):
             r".*class-count mismatch")):
         reg.import_checkpoint(tmp_path / "ten.pth", arch="test_resnet", num_classes=3)
     # a factored head of 8 outputs against a flat 18-class checkpoint
-    torch.save(_tiny(num_classes=18).state_dict(), tmp_path / "flat18.pth")
+    torch.save(tiny_model(num_classes=18).state_dict(), tmp_path / "flat18.pth")
     with pytest.raises(RegistryError, match=r"factored head of 8 outputs.*fc.weight checkpoint \[18, 96\]"):
         reg.import_checkpoint(tmp_path / "flat18.pth", arch="test_resnet", label_space=LabelSpace.mask(),
                               head="factored")
@@ -277,18 +274,10 @@ def test_import_class_count_mismatch_lists_head_keys(tmp_path):
     assert reg.entries() == []
 
 
-class _Marker:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_import_refuses_code_running_pickle(tmp_path):
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": _tiny().state_dict(), "hook": _Marker(marker)}, evil)
+    torch.save({"state_dict": tiny_model().state_dict(), "hook": RunsCode(marker)}, evil)
     reg = Registry(tmp_path / "reg")
     with pytest.raises(RegistryError, match=r"refused to load .*evil.pth"):
         reg.import_checkpoint(evil, arch="test_resnet", num_classes=3)
@@ -297,7 +286,7 @@ def test_import_refuses_code_running_pickle(tmp_path):
 
 
 def test_import_lightning_module_keeps_only_the_network(tmp_path):
-    original = _tiny(seed=3)
+    original = tiny_model(seed=3)
     sd = {"model." + k: v for k, v in original.state_dict().items()}
     sd["criterion.weight"] = torch.ones(3)
     del sd["model.bn1.num_batches_tracked"]  # old checkpoints lack these counters
@@ -310,7 +299,7 @@ def test_import_lightning_module_keeps_only_the_network(tmp_path):
 
 
 def test_import_ema_needs_explicit_choice(tmp_path):
-    torch.save({"state_dict": _tiny(seed=0).state_dict(), "state_dict_ema": _tiny(seed=1).state_dict()},
+    torch.save({"state_dict": tiny_model(seed=0).state_dict(), "state_dict_ema": tiny_model(seed=1).state_dict()},
                tmp_path / "ema.pth.tar")
     reg = Registry(tmp_path / "reg")
     with pytest.raises(RegistryError, match="--ema or --no-ema"):
@@ -344,7 +333,7 @@ def _start_writer(root, family, n, sd_path):
 
 def test_two_processes_adding_50_entries_each_lose_nothing(tmp_path):
     sd_path = tmp_path / "sd.pt"
-    torch.save(_tiny().state_dict(), sd_path)
+    torch.save(tiny_model().state_dict(), sd_path)
     root = tmp_path / "reg"
     procs = [_start_writer(root, fam, 50, sd_path) for fam in ("p0", "p1")]
     for p in procs:
@@ -359,7 +348,7 @@ def test_two_processes_adding_50_entries_each_lose_nothing(tmp_path):
 
 def test_writer_killed_mid_write_leaves_a_loadable_registry(tmp_path):
     sd_path = tmp_path / "sd.pt"
-    torch.save(_tiny().state_dict(), sd_path)
+    torch.save(tiny_model().state_dict(), sd_path)
     root = tmp_path / "reg"
     rng = random.Random(0)
     count = 0
