@@ -206,7 +206,7 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path, title: s
 
 def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = None, recipe=None,
              members: str | Sequence[str] | None = None, vote: str = "soft", weights: Sequence[float] | None = None,
-             tta: str = "none", merge: str = "mean-logits", backend: str = "torch",
+             tta: str | None = None, merge: str | None = None, backend: str = "torch",
              plot: str | os.PathLike | None = None, use_cache: bool = True, batch_size: int = 32,
              workers: int = 0, device: str | None = None, cache_dir=None, progress: bool = True,
              overwrite: bool = False) -> EvaluationResult:

@@ -60,7 +60,11 @@ class PredictionResult:
         The ensemble's members in voting order (composed members as ``a+b+c``).
     weights : list of float or None
     member_logits : dict name -> Logits
-        What the engine returned for every model that ran (factor parts included).
+        What the engine returned for every model that ran (factor parts included); a model
+        run under several plans (views of one family chosen separately) is keyed
+        ``"<name> [<plan>]"``.
+    joint : dict name -> ndarray (N, C)
+        Each member's joint logits, as voted (compositions composed, its own plan).
     tie_rate : float or None
         Hard votes only: fraction of rows whose top vote count was shared.
     recipe_hash : str or None
@@ -86,6 +90,7 @@ class PredictionResult:
     member_parts: dict = field(default_factory=dict)
     table: Any = None
     submission: Any = None
+    joint: dict = field(default_factory=dict)
 
     @property
     def cached(self) -> bool:
@@ -94,6 +99,8 @@ class PredictionResult:
 
     def member_joint_logits(self, name: str) -> np.ndarray:
         """Joint logits ``(N, C)`` of member ``name`` (a composition ``a+b+c``: its parts composed)."""
+        if name in self.joint:
+            return np.asarray(self.joint[name])
         return _member_joint_logits(name, self.member_parts.get(name) or [], self.member_logits)
 
     def repeat_message(self) -> str | None:
@@ -103,7 +110,7 @@ class PredictionResult:
 
 # ============================================================================ predict
 def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote: str = "soft",
-            weights: Sequence[float] | None = None, recipe=None, tta: str = "none", merge: str = "mean-logits",
+            weights: Sequence[float] | None = None, recipe=None, tta: str | None = None, merge: str | None = None,
             backend: str = "torch", out: str | os.PathLike | None = None, with_probs: bool = False,
             overwrite: bool = False, use_cache: bool = True, batch_size: int = 32, workers: int = 0,
             device: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
@@ -127,9 +134,13 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
     recipe : Recipe, str or Path, optional
         A recipe from ``tune-weights``: only its members with weight > 0 run; their
         temperatures, weights and class biases are applied. The sha256 it recorded for a
-        member must match the registry's weights.
-    tta, merge : str
+        member must match the registry's weights. A member tuned under a TTA plan (a
+        ``tta-report`` file, or views chosen by ``tune-weights --tta``) runs that plan,
+        only its views.
+    tta, merge : str, optional
         TTA plan and the merge rule over views (see :func:`ensembler.infer.parse_tta`).
+        ``None`` (default): each recipe member's recorded plan, else ``none`` /
+        ``mean-logits``. Given, they replace every recipe member's plan.
     backend : {"torch", "onnx"}
     out : path, optional
         Submission CSV to write; a ``ledger.jsonl`` row is appended beside it. An existing
@@ -168,7 +179,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
 
     registry = _as_registry(registry)
     plan = parse_tta(tta)  # a bad plan fails before any model loads
-    merge = check_merge(merge)
+    merge_rule = check_merge(merge if merge is not None else "mean-logits")
     if isinstance(recipe, (str, os.PathLike)):
         recipe = Recipe.load(recipe)
     if recipe is None and vote not in VOTE_RULES:
@@ -190,50 +201,85 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
             raise EnsemblerError("--weights cannot be combined with --recipe (the recipe holds the weights)")
         specs = [m.name for m in recipe.active_members]
         parts_of = {m.name: list(m.parts) for m in recipe.active_members}
+        source_of = {m.name: m.source for m in recipe.active_members}
         rule = recipe.vote
+        # Each member's plan: the caller's when given, else the one it was tuned with.
+        runs = {m.name: (parse_tta(tta if tta is not None else (m.tta or "none")),
+                         check_merge(merge if merge is not None else (m.merge or "mean-logits")))
+                for m in recipe.active_members}
     else:
         specs = registry.member_names(members)
         parts_of = {s: s.split(COMPOSE_SEP) if COMPOSE_SEP in s else [] for s in specs}
+        source_of = {s: s for s in specs}
         rule = vote
+        runs = {s: (plan, merge_rule) for s in specs}
 
-    atoms = _atoms(specs, parts_of)
+    atoms = _atoms([source_of[s] for s in specs], {source_of[s]: parts_of[s] for s in specs})
     resolved = dict(registry.members(atoms))  # RegistryError naming unknown members
     if recipe is not None:
         _check_recipe_against_registry(recipe, resolved)
     w = _check_vote_weights(rule, weights, specs) if recipe is None else None
+    for s in specs:  # a plan that cannot run on a member's input size fails before any forward
+        for a in parts_of[s] or [source_of[s]]:
+            for e in resolved[a]:
+                try:
+                    runs[s][0].check_input(e.pre.input_size)
+                except EnsemblerError as exc:
+                    raise type(exc)(f"member {s!r}, checkpoint {e.id!r}: {exc}") from None
     # Class maps are checked from the registry entries, before any forward: members that predict
     # different classes, a recipe for other classes, labeled data whose classes are not the members'.
-    space = _joint_space(specs, parts_of, _entry_spaces(atoms, resolved))
+    by_atom = _entry_spaces(atoms, resolved)
+    space = _joint_space(specs, parts_of, {**by_atom, **{s: by_atom[source_of[s]] for s in specs if not parts_of[s]}})
     if recipe is not None:
         _check_classes(recipe.classes, space, "recipe")
     table = _with_label_space(table, space)
 
-    # One engine call for every model that runs: decode once per geometry, cached logits reused.
-    engine_out = predict_members(table, atoms, registry, tta=plan, merge=merge, backend=backend,
-                                 batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
-                                 use_cache=use_cache, progress=progress)
+    # One engine call per distinct (plan, merge): every model of it in one pass (decode once per
+    # geometry, cached logits reused); a recipe of chosen views runs each view only where chosen.
+    groups: dict[tuple[str, str], list[str]] = {}
+    for s in specs:
+        groups.setdefault((runs[s][0].spec, runs[s][1]), []).append(s)
+    outs: dict[tuple[str, str], dict] = {}
+    for (spec, rule_m), members_g in groups.items():
+        group_atoms = _atoms([source_of[s] for s in members_g], {source_of[s]: parts_of[s] for s in members_g})
+        outs[(spec, rule_m)] = predict_members(table, group_atoms, registry, tta=runs[members_g[0]][0], merge=rule_m,
+                                               backend=backend, batch_size=batch_size, workers=workers,
+                                               device=device, cache_dir=cache_dir, use_cache=use_cache,
+                                               progress=progress)
+    engine_out = _engine_out(outs)
+    # Each member's own engine output (its plan's), keyed by the names its parts have.
+    own = {s: outs[(runs[s][0].spec, runs[s][1])] for s in specs}
     ids = np.asarray(table.ids).astype(str)
+    joint = {s: _member_joint_logits(source_of[s], parts_of[s], own[s]) for s in specs}
 
     if recipe is not None:
-        logits = {name: np.asarray(ml.logits) for name, ml in engine_out.items()}
-        pred, probs = recipe.apply(logits)
+        pred, probs = recipe.apply(joint)
         ties = tie_rate(probs) if rule == "hard" else None
         weights_used = [m.weight for m in recipe.active_members]
     else:
-        member_logits = {s: _member_joint_logits(s, parts_of[s], engine_out) for s in specs}
-        res = vote_fn(member_logits, rule, weights=w, names=specs)  # LogitError / ParameterError
+        res = vote_fn(joint, rule, weights=w, names=specs)  # LogitError / ParameterError
         pred, probs = res.pred, res.probs
         ties = res.tie_rate if rule == "hard" else None
         weights_used = None if w is None else [float(x) for x in w]
 
     fingerprint = next(iter(engine_out.values())).meta.get("fingerprint") or table.fingerprint()
+    plans = sorted({(runs[s][0].spec, runs[s][1]) for s in specs})
+    records = _member_records(specs, parts_of, resolved, source_of)
+    for rec in records:
+        s = rec["name"]
+        rec["tta"], rec["merge"] = runs[s][0].spec, runs[s][1]
+        rec["cached"] = all(own[s][a].meta.get("cached") for a in parts_of[s] or [source_of[s]])
     inputs = {
         "recipe_hash": recipe.hash() if recipe is not None else None,
-        "members": _member_records(specs, parts_of, resolved),
+        "members": records,
         "vote": rule,
         "weights": weights_used,
-        "tta": plan.spec,
-        "merge": merge,
+        "tta": plans[0][0] if len(plans) == 1 else "per member",
+        "merge": plans[0][1] if len(plans) == 1 else "per member",
+        "checkpoint_views": int(sum(len(parse_tta(sp)) * len(resolved[a])
+                                      for (sp, _), ms in groups.items()
+                                      for a in _atoms([source_of[s] for s in ms],
+                                                      {source_of[s]: parts_of[s] for s in ms}))),
         "backend": backend,
         "data_fingerprint": fingerprint,
         "data": table.describe(),
@@ -243,7 +289,8 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
                               label_space=space, vote=rule, members=list(specs), weights=weights_used,
                               member_logits=engine_out, tie_rate=ties,
                               recipe_hash=inputs["recipe_hash"], inputs=inputs,
-                              member_parts={k: list(v) for k, v in parts_of.items() if v}, table=table)
+                              member_parts={k: list(v) for k, v in parts_of.items() if v}, table=table,
+                              joint=joint)
     if out is not None:
         from .submit import write_submission
 
@@ -269,14 +316,28 @@ def _atoms(specs: Sequence[str], parts_of: Mapping[str, list]) -> list[str]:
     return atoms
 
 
+def _engine_out(outs: Mapping[tuple, Mapping]) -> dict:
+    """Every model's engine output; one run under several plans is keyed ``"<name> [<plan>]"``."""
+    seen: dict[str, int] = {}
+    for out in outs.values():
+        for name in out:
+            seen[name] = seen.get(name, 0) + 1
+    merged = {}
+    for (spec, rule), out in outs.items():
+        for name, z in out.items():
+            merged[name if seen[name] == 1 else f"{name} [{spec}]"] = z
+    return merged
+
+
 def _check_recipe_against_registry(recipe, resolved: Mapping[str, list]) -> None:
     """A recipe tuned on other weights than the registry holds now would silently mis-weight them."""
     for m in recipe.active_members:
         if m.kind == "file":
             raise EnsemblerError(
-                f"recipe member {m.name!r} was tuned from a raw OOF file; predict runs registry members, so "
-                "register that model (or tune on registry families) first")
-        have = sorted(e.sha256 for a in (m.parts or (m.name,)) for e in resolved[a])
+                f"recipe member {m.name!r} was tuned from a raw OOF file that names no registry model; predict "
+                "runs registry members, so register that model (or tune on registry families, or on the OOF-TTA "
+                "file tta-report writes) first")
+        have = sorted(e.sha256 for a in (m.parts or (m.source,)) for e in resolved[a])
         if sorted(m.sha256) != have:
             raise EnsemblerError(
                 f"recipe member {m.name!r}: the recipe was tuned on weights with sha256 "
@@ -372,13 +433,15 @@ def _with_label_space(table, space: LabelSpace):
     return table
 
 
-def _member_records(specs, parts_of, resolved) -> list[dict]:
+def _member_records(specs, parts_of, resolved, source_of) -> list[dict]:
     out = []
     for s in specs:
-        parts = parts_of.get(s) or [s]
+        parts = parts_of.get(s) or [source_of[s]]
         ckpts = [{"id": e.id, "family": e.family, "fold": e.fold, "sha256": e.sha256}
                  for p in parts for e in resolved[p]]
         rec = {"name": s, "checkpoints": ckpts}
+        if source_of[s] != s:
+            rec["member"] = source_of[s]
         if parts_of.get(s):
             rec["parts"] = list(parts)
         out.append(rec)

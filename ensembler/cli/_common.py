@@ -84,18 +84,25 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def add_engine_args(p: argparse.ArgumentParser, *, views: bool = True, amp: bool = False) -> None:
+def add_engine_args(p: argparse.ArgumentParser, *, views: bool = True, amp: bool = False,
+                    recipe: bool = False) -> None:
     """The engine's options, shared by every command that runs models over images.
 
     ``views=False`` leaves out ``--tta``/``--merge`` for a command that defines its own
     (``tta-report``: a required plan to judge, the merge rule of the file it writes).
+    ``recipe=True`` (predict, evaluate): ``--tta``/``--merge`` default to None, i.e. a recipe's
+    members run the plans they were tuned with (else ``none``/``mean-logits``).
     ``amp=True`` adds ``--amp``. ``--workers`` defaults to None: use :func:`default_workers`.
     """
     if views:
-        p.add_argument("--tta", default="none", metavar="PLAN",
-                       help=f"TTA plan: {', '.join(TTA_TOKENS)}; combine with '+' (default none)")
-        p.add_argument("--merge", default="mean-logits", metavar="RULE",
-                       help=f"merge over TTA views: {', '.join(MERGE_RULE_NAMES)} (default mean-logits)")
+        tail = ("; default: with --recipe, the plan each member was tuned with, else none" if recipe else
+                " (default none)")
+        p.add_argument("--tta", default=None if recipe else "none", metavar="PLAN",
+                       help=f"TTA plan: {', '.join(TTA_TOKENS)}; combine with '+'; PLAN@VIEW,VIEW keeps only those "
+                            "views" + tail)
+        p.add_argument("--merge", default=None if recipe else "mean-logits", metavar="RULE",
+                       help=f"merge over TTA views: {', '.join(MERGE_RULE_NAMES)} (default mean-logits"
+                            + ("; with --recipe, each member's own)" if recipe else ")"))
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="force a forward pass instead of reusing cached logits")

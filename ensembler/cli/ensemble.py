@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import EnsemblerError
 from ..names import TUNING_METHODS, TUNING_METRICS
-from ._common import add_registry_arg, console, err_console
+from ._common import add_data_args, add_engine_args, add_registry_arg, console, default_workers, err_console
 
 
 def register(sub) -> None:
@@ -40,6 +41,13 @@ def register(sub) -> None:
     p.add_argument("--class-bias", action="store_true", help="tune per-class biases on the blend for macro-F1")
     p.add_argument("--no-honest", dest="honest", action="store_false",
                    help="skip the nested-CV honest score (faster; the table then shows in-sample only)")
+    p.add_argument("--tta", default=None, metavar="PLAN",
+                   help="choose TTA views per family on OOF data: every view of PLAN of every family is a candidate "
+                        "member (<family>@<view>), run by each fold checkpoint over its own validation rows (needs "
+                        "--data, the training data; cached); the recipe keeps the chosen views and predict runs only "
+                        "those")
+    add_data_args(p, required=False)
+    add_engine_args(p, views=False)
     p.add_argument("--out", default="recipe.json", metavar="FILE", help="recipe JSON to write (default recipe.json)")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="folder for weights.png and per_class_f1.png (default: <out stem>_plots next to the recipe)")
@@ -56,18 +64,90 @@ def tune_weights_command(args) -> int:
     from ..ensemble import tune_recipe
 
     plots = (Path(args.plots) if args.plots else True) if args.make_plots else False
+    views = None
+    members, oof_files = args.members, args.oof
+    if args.tta is not None:
+        from .._io import refuse_existing
+
+        refuse_existing(Path(args.out), overwrite=args.overwrite)  # before any forward
+        views = _view_members(args)
+        members, oof_files = views[0], ()
     status = err_console().status("tuning...")
     with status:
-        run = tune_recipe(args.members, out=args.out, registry=args.registry, oof_files=args.oof, plots=plots,
+        run = tune_recipe(members, out=args.out, registry=args.registry, oof_files=oof_files, plots=plots,
                           method=args.method, metric=args.metric, rounds=args.rounds, temperature=args.temperature,
                           class_bias=args.class_bias, honest=args.honest, overwrite=args.overwrite,
                           progress=lambda msg: status.update(msg))
     _print_table(run.result, args)
+    _print_diversity(run.result)
+    if views is not None:
+        _print_views(run.result, views, args)
     con = console()
     con.print(f"recipe: [bold]{run.recipe_path}[/] (hash {run.result.recipe.hash()[:12]})")
     for name, path in run.plots.items():
         con.print(f"{name} chart: {path}")
     return 0
+
+
+def _view_members(args):
+    """``(per-view members, merged members, plan)`` of the families, for ``--tta``."""
+    from ..data import load_source_from_args
+    from ..registry import Registry
+    from ..view_select import view_members
+
+    if args.oof:
+        raise EnsemblerError("--tta chooses views of registry families; it cannot be combined with --oof files")
+    if not args.data:
+        raise EnsemblerError("--tta runs each fold checkpoint over its own validation images: give --data, the "
+                             "data the families were trained on")
+    table = load_source_from_args(args)
+    reg = Registry(args.registry)
+    return view_members(table, reg.member_names(args.members or "all"), reg, tta=args.tta, backend=args.backend,
+                        batch_size=args.batch_size, use_cache=args.use_cache,
+                        workers=default_workers() if args.workers is None else args.workers, device=args.device,
+                        cache_dir=args.cache_dir, progress=True)
+
+
+def _print_views(result, views, args) -> None:
+    """The views each family kept, and the honest score against every view merged."""
+    from ..ensemble import align_members, tune_weights
+    from ..view_select import chosen_views
+
+    con = console()
+    metric = result.recipe.metric
+    plan = views[2]
+    for fam, chosen in chosen_views(result.recipe).items():
+        con.print(f"views chosen for {fam}: {', '.join(chosen)} (of plan {plan})", markup=False, highlight=False)
+    ours = (result.recipe.scores.get("honest") or {}).get("mean")
+    if ours is None or not args.honest:
+        return
+    allv = tune_weights(align_members(views[1]), method=args.method, metric=args.metric, rounds=args.rounds,
+                        temperature=args.temperature, class_bias=args.class_bias)
+    theirs = (allv.recipe.scores.get("honest") or {}).get("mean")
+    if theirs is not None:
+        con.print(f"honest {metric}: views chosen {ours:.4f} vs every view merged {theirs:.4f} "
+                  f"({ours - theirs:+.4f})", markup=False, highlight=False)
+
+
+def _print_diversity(result, limit: int = 15) -> None:
+    """Pairwise disagreement and error correlation on the OOF rows, most complementary pairs first."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = result.diversity
+    if not rows:
+        return
+    order = sorted(rows, key=lambda r: (r["error_corr"] != r["error_corr"], r["error_corr"]))
+    t = Table(title=f"diversity on OOF rows ({len(rows)} pairs" + (f", {limit} least correlated shown" if
+              len(rows) > limit else "") + "): low error correlation and high disagreement make a blend pay",
+              title_justify="left")
+    for col in ("member A", "member B", "disagreement", "error corr", "both wrong", "error A", "error B"):
+        t.add_column(col, justify="left" if col.startswith("member") else "right", no_wrap=True)
+    for r in order[:limit]:
+        corr = "–" if r["error_corr"] != r["error_corr"] else f"{r['error_corr']:+.3f}"
+        t.add_row(escape(r["a"]), escape(r["b"]), f"{r['disagreement']:.3f}", corr, f"{r['both_wrong']:.3f}",
+                  f"{r['err_a']:.3f}", f"{r['err_b']:.3f}")
+    console().print(t)
 
 
 def _print_table(result, args) -> None:

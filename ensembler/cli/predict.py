@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member, in --members order")
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="recipe JSON from tune-weights: its members, temperatures, weights and class biases")
-    add_engine_args(p)
+    add_engine_args(p, recipe=True)
     p.add_argument("--out", required=True, metavar="CSV", help="submission file, e.g. submissions/soft.csv")
     p.add_argument("--probs", action="store_true", help="add prob_<class> columns (not for the mask eval layout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission with different content")
@@ -53,7 +53,7 @@ def register(sub) -> None:
                         "--vote; with --logits of `ensembler infer` output: the members to use (default all)")
     p.add_argument("--vote", choices=VOTE_RULES, default="soft", help="how several members are combined (default soft)")
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member")
-    add_engine_args(p)
+    add_engine_args(p, recipe=True)
     p.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix there (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.set_defaults(func=cmd_evaluate)
@@ -95,9 +95,8 @@ def cmd_predict(args) -> int:
         t.add_column(col, justify=just)
     weights_used = res.weights or [None] * len(res.members)
     for rec, w in zip(res.inputs["members"], weights_used):
-        atoms = rec.get("parts") or [rec["name"]]
-        cached = all(res.member_logits[a].meta.get("cached") for a in atoms)
-        t.add_row(rec["name"], "" if w is None else f"{w:.3f}", str(len(rec["checkpoints"])),
+        cached = rec["cached"]
+        t.add_row(rec["name"] + (f" [{rec['tta']}]" if res.inputs["tta"] == "per member" else ""), "" if w is None else f"{w:.3f}", str(len(rec["checkpoints"])),
                   ", ".join(c["sha256"][:10] for c in rec["checkpoints"][:3])
                   + (" …" if len(rec["checkpoints"]) > 3 else ""),
                   "yes" if cached else "no")

@@ -35,6 +35,7 @@ from .blend import (
     scipy_weights,
 )
 from .choice import Candidate, Decision, choose
+from .diversity import pairwise_diversity
 from .stacking import StackFit, fit_stack
 from .tuning import TuneResult, honest_score, temperature_at_bound, tune_weights
 from .tune_run import TuneRun, default_plot_dir, tune_recipe
@@ -76,6 +77,7 @@ __all__ = [
     "load_oof",
     "member_probabilities",
     "no_signal_members",
+    "pairwise_diversity",
     "registry_members",
     "scipy_weights",
     "stack_member_logits",

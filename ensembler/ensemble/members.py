@@ -91,8 +91,28 @@ def load_oof(path, *, name: str | None = None, label_space: LabelSpace | dict | 
             )
     else:
         label_space = z.label_space
+    update = {"kind": kind, "sha256": list(sha256)}
+    if kind == "file" and not sha256:
+        update.update(tta_report_origin(z.meta))
     return z.replace(name=str(name) if name is not None else Path(path).stem, label_space=label_space,
-                     meta_update={"kind": kind, "sha256": list(sha256)})
+                     meta_update=update)
+
+
+def tta_report_origin(meta: dict) -> dict:
+    """What an OOF-TTA file of ``tta-report`` says about the models behind it, as member meta.
+
+    Such a file holds a registry family's OOF logits under a TTA plan: ``kind`` becomes
+    ``family``, ``member`` the family, ``sha256`` its fold checkpoints' weights (fold order),
+    and ``tta``/``merge`` the plan, so a recipe tuned on it names the registry member and the
+    plan ``predict`` must run. ``{}`` for any other file.
+    """
+    fam, tta, ckpts, shas = (meta.get(k) for k in ("family", "tta", "checkpoints", "sha256"))
+    if not (isinstance(fam, str) and isinstance(tta, str) and meta.get("producer") == fam
+            and isinstance(ckpts, dict) and isinstance(shas, dict)):
+        return {}
+    order = sorted(ckpts, key=lambda f: int(f) if str(f).lstrip("-").isdigit() else 0)
+    return {"kind": "family", "member": fam, "tta": tta, "merge": str(meta.get("merge", "mean-logits")),
+            "sha256": [shas[ckpts[f]] for f in order if ckpts[f] in shas]}
 
 
 def _reorder_to(ref: Member, m: Member) -> Member:

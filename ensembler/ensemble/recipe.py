@@ -66,6 +66,12 @@ class RecipeMember:
 
     ``parts`` (composed members only) are the per-factor members in the joint space's factor
     order; :meth:`Recipe.apply` composes them when it is given the parts' logits.
+
+    ``member`` is the registry member (family, checkpoint id or ``a+b+c``) whose models give
+    this member's logits, when it differs from ``name`` (two views of one family are two
+    recipe members of one registry member). ``tta``/``merge`` are the TTA plan (possibly a
+    subset of a plan's views, ``PLAN@VIEW,...``) and merge rule the member was tuned with;
+    ``predict`` runs them unless it is given a plan. ``None``: tuned without a recorded plan.
     """
 
     name: str
@@ -75,6 +81,14 @@ class RecipeMember:
     temperature: float = 1.0
     sha256: tuple[str, ...] = ()
     parts: tuple[str, ...] = ()
+    member: str = ""
+    tta: str | None = None
+    merge: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The registry member to run: :attr:`member`, else :attr:`name`."""
+        return self.member or self.name
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -89,6 +103,9 @@ class RecipeMember:
              "classes": list(self.classes)}
         if self.parts:
             d["parts"] = list(self.parts)
+        for key in ("member", "tta", "merge"):
+            if getattr(self, key):
+                d[key] = getattr(self, key)
         return d
 
 
@@ -159,6 +176,11 @@ class Recipe:
         return np.array([m.temperature for m in self.members], dtype=np.float64)
 
     @property
+    def tta_plans(self) -> dict[str, str | None]:
+        """Each member's recorded TTA plan (``None``: none recorded)."""
+        return {m.name: m.tta for m in self.members}
+
+    @property
     def active_members(self) -> list[RecipeMember]:
         """Members whose logits the recipe needs: weight > 0 (all members for ``hard``/``soft``
         without weights it is the same; every member of a stack). ``predict`` runs only these models."""
@@ -188,7 +210,8 @@ class Recipe:
         members = tuple(
             RecipeMember(name=m["name"], kind=m["kind"], classes=tuple(m["classes"]), weight=float(m["weight"]),
                          temperature=float(m["temperature"]), sha256=tuple(m.get("sha256", ())),
-                         parts=tuple(m.get("parts", ())))
+                         parts=tuple(m.get("parts", ())), member=m.get("member", ""), tta=m.get("tta"),
+                         merge=m.get("merge"))
             for m in d["members"]
         )
         return cls(members=members, vote=d["vote"], class_biases=d.get("class_biases"), metric=d["metric"],
@@ -351,6 +374,9 @@ def _validate(d: Any, source: str) -> None:
         if not sha and get("kind") in _WEIGHTS_KINDS:
             bad(f"{where}.sha256", f"is empty: a {get('kind')} member must record the sha256 of every weights file "
                                    f"behind it (predict checks them); re-run tune-weights")
+        for key in ("member", "tta", "merge"):
+            if m.get(key) is not None and (not isinstance(m[key], str) or not m[key].strip()):
+                bad(f"{where}.{key}", f"must be a non-empty string when given, got {m[key]!r}")
     if len(set(names)) != len(names):
         bad("members", f"lists a name twice: {names}")
     if not any(m["weight"] > 0 for m in members):

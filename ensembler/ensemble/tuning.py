@@ -24,6 +24,7 @@ from .blend import (BlendFit, check_bias_metric, check_method, check_metric, che
 from .calibration import DEFAULT_T_BOUNDS, TemperatureFit, calibrate
 from .stacking import DEFAULT_CS
 from .choice import Candidate, Decision, choose
+from .diversity import pairwise_diversity
 from .members import Member, align_members
 from .recipe import Recipe, RecipeMember
 from .voting import vote
@@ -64,6 +65,9 @@ class TuneResult:
     calibration : list of TemperatureFit or None
     fit : BlendFit
         The in-sample tuning (Caruana history, timings).
+    diversity : list of dict
+        Every pair of members on the OOF rows: disagreement, error correlation, both wrong
+        (:func:`ensembler.ensemble.diversity.pairwise_diversity`).
     """
 
     recipe: Recipe
@@ -77,6 +81,7 @@ class TuneResult:
     tuned_recipe: Recipe | None = None
     decision: Decision | None = None
     candidates: list = field(default_factory=list)
+    diversity: list = field(default_factory=list)
 
 
 def _as_members(members, labels, folds, names) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None, list]:
@@ -115,19 +120,20 @@ def _scores(y, probs, pred=None) -> dict:
     return s
 
 
+def _recipe_member(name, info: Member | None, classes, weight, temperature) -> RecipeMember:
+    """A recipe member, with where its logits come from: kind, weights' sha256, factor parts,
+    and (tta-report files, per-view members) the registry member and TTA plan behind them."""
+    meta = info.meta if info is not None else {}
+    member = meta.get("member") or ""
+    return RecipeMember(name=name, kind=info.kind if info is not None else "file", classes=classes,
+                        weight=float(weight), temperature=float(temperature),
+                        sha256=info.sha256 if info is not None else (), parts=info.parts if info is not None else (),
+                        member="" if member == name else str(member), tta=meta.get("tta"), merge=meta.get("merge"))
+
+
 def _recipe_from_fit(names, member_info, classes, fit: BlendFit, metric, method, scores=None) -> Recipe:
-    rm = []
-    for i, name in enumerate(names):
-        info = member_info[i] if member_info else None
-        rm.append(RecipeMember(
-            name=name,
-            kind=info.kind if info else "file",
-            classes=classes,
-            weight=float(fit.weights[i]),
-            temperature=float(fit.temperatures[i]),
-            sha256=info.sha256 if info else (),
-            parts=info.parts if info else (),
-        ))
+    rm = [_recipe_member(name, member_info[i] if member_info else None, classes, fit.weights[i],
+                         fit.temperatures[i]) for i, name in enumerate(names)]
     biases = None if fit.class_biases is None else tuple(float(b) for b in fit.class_biases)
     if fit.stack is not None:
         return Recipe(members=tuple(rm), vote="stack", class_biases=biases, metric=metric, method=method,
@@ -316,7 +322,7 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
         r["ships"] = cd is not None and cd.name == decision.name
     return TuneResult(recipe=recipe, rows=rows, in_sample=in_sample, honest=honest_res, per_class_f1=per_class,
                       calibration=calib, fit=fit, timings=timings, tuned_recipe=tuned_recipe, decision=decision,
-                      candidates=candidates)
+                      candidates=candidates, diversity=pairwise_diversity(logits, y, names))
 
 
 def temperature_at_bound(t: float, bounds=DEFAULT_T_BOUNDS, rtol: float = 1e-3) -> bool:
@@ -402,9 +408,7 @@ def _shipped(decision, names, info, classes, calib, tuned_recipe: Recipe, fit: B
     cand = next(cd for cd in candidates if cd.name == decision.name)
 
     def plain(weights, temps, rule):
-        members = tuple(RecipeMember(name=nm, kind=info[i].kind if info else "file", classes=classes,
-                                     weight=float(weights[i]), temperature=float(temps[i]),
-                                     sha256=info[i].sha256 if info else (), parts=info[i].parts if info else ())
+        members = tuple(_recipe_member(nm, info[i] if info else None, classes, weights[i], temps[i])
                         for i, nm in enumerate(names))
         return Recipe(members=members, vote=rule, class_biases=None, metric=metric, method=None)
 

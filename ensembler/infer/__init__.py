@@ -24,11 +24,11 @@ from .onnx import OnnxExport, export_onnx
 from .oof_tta import TTAReport, TTAScore, tta_report
 from .store import CacheWarning, LogitStore, default_cache_dir
 from .tta import MERGE_RULES, check_merge, merge_views, predict_batch, predict_views
-from .views import TTAError, TTAPlan, View, parse_tta
+from .views import TTAError, TTAPlan, View, parse_tta, select_views
 
 __all__ = [
     "BACKENDS", "CacheWarning", "LogitStore", "MERGE_RULES", "OnnxExport", "TTAError", "TTAPlan",
     "View", "check_merge", "checkpoint_view_logits", "default_cache_dir", "export_onnx", "merge_views", "parse_tta",
-    "predict_batch", "predict_members", "predict_views",
+    "predict_batch", "predict_members", "predict_views", "select_views",
     "TTAReport", "TTAScore", "tta_report",
 ]

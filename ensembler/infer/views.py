@@ -25,6 +25,11 @@ token               views  order (ttach's)
 ``scales=a,b,...``  n      bilinear resize by each factor (``int(H*a)``), as given (= ttach ``Scale(..., 'bilinear')``)
 ==================  =====  ===========================================================
 
+**A subset of a plan's views**: ``PLAN@VIEW,VIEW,...`` keeps only the named views of
+``PLAN``, in the plan's order (``"flip@identity,hflip"``: 2 views, 2 forwards per image).
+This is how a recipe tuned with ``tune-weights --tta`` records the views it chose;
+:func:`select_views` builds one from a plan and view names.
+
 Crop sizes are input pixels and crops are not resized (ttach's semantics), except for
 fixed-input-size models (Swin, ViT): ``resize_to`` resizes every view whose size differs back
 to the model's input size.
@@ -44,7 +49,7 @@ from ..errors import EnsemblerError
 from ..names import TTA_TOKENS
 from ..preprocess import MAX_INPUT_SIZE
 
-__all__ = ["TTAError", "View", "TTAPlan", "parse_tta", "apply_view", "build_views"]
+__all__ = ["TTAError", "View", "TTAPlan", "parse_tta", "select_views", "apply_view", "build_views"]
 
 
 class TTAError(EnsemblerError, ValueError):
@@ -124,20 +129,29 @@ class TTAPlan:
 
     spec: str
     tokens: tuple[_Token, ...]
+    subset: tuple[int, ...] = ()  # indices of the views kept (``PLAN@views``); empty: every view
 
     @property
-    def views(self) -> tuple[View, ...]:
+    def all_views(self) -> tuple[View, ...]:
+        """Every view of the tokens' product, whatever :attr:`subset` keeps."""
         combos = itertools.product(*[t.options for t in self.tokens])
         return tuple(View(tuple(op for opts in combo for op in opts)) for combo in combos)
 
+    @property
+    def views(self) -> tuple[View, ...]:
+        views = self.all_views
+        return tuple(views[i] for i in self.subset) if self.subset else views
+
     def __len__(self) -> int:
-        return math.prod(len(t.options) for t in self.tokens)
+        return len(self.subset) if self.subset else math.prod(len(t.options) for t in self.tokens)
 
     def __str__(self) -> str:
         return self.spec
 
     @property
     def needs_square(self) -> bool:
+        if self.subset:  # only a quarter turn swaps height and width
+            return any(op[0] == "rot90" and op[1] % 2 for v in self.views for op in v.ops)
         return any(t.needs_square for t in self.tokens)
 
     def check_input(self, size: Sequence[int]) -> None:
@@ -250,6 +264,12 @@ def parse_tta(spec: "str | TTAPlan | None") -> TTAPlan:
         spec = "none"
     if not isinstance(spec, str):
         raise TTAError(f"TTA plan must be a string like 'flip', got {type(spec).__name__}")
+    if "@" in spec:
+        plan_text, _, views_text = spec.partition("@")
+        names = [v.strip() for v in views_text.split(",") if v.strip()]
+        if not names:
+            raise TTAError(f"bad TTA plan {spec!r}: no view names after '@' (e.g. 'flip@identity,hflip')")
+        return select_views(parse_tta(plan_text), names)
     parts = [p for p in spec.split("+")]
     if any(not p.strip() for p in parts):
         raise TTAError(f"bad TTA plan {spec!r}: empty token around '+'; valid tokens: {_TOKEN_HELP}")
@@ -264,6 +284,33 @@ def parse_tta(spec: "str | TTAPlan | None") -> TTAPlan:
     if len(tokens) > 1:  # 'none' is the identity of '+'
         tokens = tuple(t for t in tokens if t.text != "none") or tokens[:1]
     return TTAPlan("+".join(t.text for t in tokens), tokens)
+
+
+def select_views(plan: "str | TTAPlan", names: Sequence[str]) -> TTAPlan:
+    """The plan restricted to the views called ``names`` (kept in the plan's order).
+
+    The result's spec is ``PLAN@VIEW,...`` (or ``PLAN`` itself when every view is kept), which
+    :func:`parse_tta` reads back.
+
+    Examples
+    --------
+    >>> sub = select_views("flip", ["hflip", "identity"])
+    >>> sub.spec, len(sub), [v.name for v in sub.views]
+    ('flip@identity,hflip', 2, ['identity', 'hflip'])
+    >>> parse_tta(sub.spec) == sub
+    True
+    """
+    plan = parse_tta(plan)
+    if plan.subset:
+        plan = TTAPlan(plan.spec.partition("@")[0], plan.tokens)
+    views = [v.name for v in plan.all_views]
+    unknown = [n for n in names if n not in views]
+    if unknown:
+        raise TTAError(f"TTA plan {plan.spec!r} has no view {unknown[0]!r}; its views: {', '.join(views)}")
+    keep = tuple(i for i, v in enumerate(views) if v in set(names))
+    if len(keep) == len(views):
+        return plan
+    return TTAPlan(f"{plan.spec}@{','.join(views[i] for i in keep)}", plan.tokens, keep)
 
 
 # ---------------------------------------------------------------------------------- building views
