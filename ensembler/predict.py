@@ -284,6 +284,9 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
         "data_fingerprint": fingerprint,
         "data": table.describe(),
         "rows": int(len(ids)),
+        # members whose recorded plan the caller's tta replaced: {name: recorded plan}
+        "tta_replaced": {m.name: m.tta for m in (recipe.active_members if recipe is not None else [])
+                         if tta is not None and m.tta and parse_tta(m.tta).spec != runs[m.name][0].spec},
     }
     result = PredictionResult(ids=ids, pred=np.asarray(pred, dtype=np.int64), probs=np.asarray(probs),
                               label_space=space, vote=rule, members=list(specs), weights=weights_used,

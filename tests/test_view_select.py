@@ -151,8 +151,10 @@ def test_recipe_tuned_with_tta_runs_exactly_the_chosen_views(family, tmp_path, m
     assert {m["name"]: m["tta"] for m in row["members"]} == chosen
     # Told otherwise (--tta given), every member runs that plan instead.
     calls.clear()
-    predict(table, registry, recipe=recipe_path, tta="hflip", cache_dir=cache, progress=False, use_cache=False)
+    told = predict(table, registry, recipe=recipe_path, tta="hflip", cache_dir=cache, progress=False,
+                   use_cache=False)
     assert {v for _, _, v in calls} == {("identity", "hflip")}
+    assert told.inputs["tta_replaced"] == chosen and told.inputs["tta"] == "hflip"
 
 
 def test_readme_flow_tta_report_then_tune_on_its_file_then_predict(family, tmp_path, monkeypatch, capsys):

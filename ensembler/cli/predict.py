@@ -114,6 +114,12 @@ def cmd_predict(args) -> int:
     con.print(f"submission: [bold]{escape(str(sub.path))}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)",
               highlight=False)
     con.print(f"ledger: {sub.ledger}", markup=False, highlight=False)
+    replaced = res.inputs.get("tta_replaced") or {}
+    if replaced:
+        shown = ", ".join(f"{k} ({v})" for k, v in list(replaced.items())[:4]) + (" …" if len(replaced) > 4 else "")
+        err_console().print(f"[yellow]note:[/] --tta {escape(res.inputs['tta'])} replaced the plans these recipe "
+                            f"members were tuned with: {escape(shown)}; leave --tta out to run their own",
+                            highlight=False)
     msg = sub.repeat_message()
     if msg:
         con.print(msg, style="bold yellow", markup=False, highlight=False)
