@@ -28,7 +28,7 @@ from typing import Sequence
 from .errors import EnsemblerError
 from .logits import Logits
 
-__all__ = ["ViewTuning", "chosen_views", "view_members", "tune_views"]
+__all__ = ["ViewTuning", "check_view_plan", "chosen_views", "view_members", "tune_views"]
 
 VIEW_SEP = "@"
 
@@ -61,6 +61,17 @@ class ViewTuning:
     chosen: dict
 
 
+def check_view_plan(tta):
+    """The parsed plan, or an error when it has fewer than two views (nothing to choose between)."""
+    from .infer import parse_tta
+
+    plan = parse_tta(tta)
+    if len(plan) < 2:
+        raise EnsemblerError(f"--tta {plan.spec!r} has one view: there is nothing to choose between "
+                             "(try hflip, flip, or hflip+center-crop=S)")
+    return plan
+
+
 def view_members(table, families: Sequence[str], registry, *, tta, backend: str = "torch", batch_size: int = 32,
                  workers: int = 0, device=None, cache_dir=None, use_cache: bool = True,
                  progress: bool = True) -> tuple[list[Logits], list[Logits], str]:
@@ -72,12 +83,9 @@ def view_members(table, families: Sequence[str], registry, *, tta, backend: str 
     (``tta`` = the plan, views merged by mean of logits).
     """
     from .ensemble import registry_members
-    from .infer import parse_tta, select_views, tta_report
+    from .infer import select_views, tta_report
 
-    plan = parse_tta(tta)
-    if len(plan) < 2:
-        raise EnsemblerError(f"--tta {plan.spec!r} has one view: there is nothing to choose between "
-                             "(try hflip, flip, or hflip+center-crop=S)")
+    plan = check_view_plan(tta)
     per_view, merged = [], []
     for fam in families:
         if "+" in fam:

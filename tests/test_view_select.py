@@ -203,3 +203,15 @@ def test_readme_flow_tta_report_then_tune_on_its_file_then_predict(family, tmp_p
     assert rc == 0, capsys.readouterr()
     want = {("identity", "hflip") if m.tta == "hflip" else ("identity",) for m in active}
     assert {v for _, _, v in calls} == want
+
+
+def test_tta_flag_errors_name_the_fault_before_any_work(tmp_path, monkeypatch, capsys):
+    missing = str(tmp_path / "no-such-data")
+    for argv, msg in ((["--tta", "none", "--data", missing], "has one view: there is nothing to choose between"),
+                      (["--tta", "flip@foo", "--data", missing], "TTA plan 'flip' has no view 'foo'"),
+                      (["--tta", "flip"], "give --data"),
+                      (["--tta", "flip", "--oof", "x.npz", "--data", missing], "cannot be combined with --oof")):
+        rc = _cli(monkeypatch, ["tune-weights", "--registry", str(tmp_path / "reg"), *argv, "--no-plots",
+                                "--out", str(tmp_path / "r.json")])
+        assert rc == 2 and msg in capsys.readouterr().err, argv
+    assert not (tmp_path / "r.json").exists()

@@ -100,6 +100,9 @@ def _view_members(args):
     if not args.data:
         raise EnsemblerError("--tta runs each fold checkpoint over its own validation images: give --data, the "
                              "data the families were trained on")
+    from ..view_select import check_view_plan
+
+    check_view_plan(args.tta)  # a bad or one-view plan fails before the data is read
     table = load_source_from_args(args)
     reg = Registry(args.registry)
     return view_members(table, reg.member_names(args.members or "all"), reg, tta=args.tta, backend=args.backend,
