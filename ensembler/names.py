@@ -38,6 +38,10 @@ TARGETS = ("mask", "gender", "age")                      # per-factor models of 
 
 # ---------------------------------------------------------------- inference (ensembler.infer)
 BACKENDS = ("torch", "onnx")
+#: what ``predict --backend`` takes: the engine's backends, or one exported ensemble (ensembler.export)
+PREDICT_BACKENDS = BACKENDS + ("onnx-ensemble",)
+#: ``export-ensemble --inputs``: one uint8 input, or one per member geometry (ensembler.export)
+EXPORT_INPUTS = ("one", "per-geometry")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 MERGE_RULE_NAMES = ("mean-logits", "mean-probs", "gmean-probs", "max-probs")
 #: TTA plan tokens (``ensembler.infer.views``); ``=S`` takes a size, ``scales=`` factors.

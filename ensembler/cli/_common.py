@@ -85,7 +85,7 @@ def default_workers() -> int:
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, views: bool = True, amp: bool = False,
-                    recipe: bool = False) -> None:
+                    recipe: bool = False, backends: tuple[str, ...] = BACKENDS) -> None:
     """The engine's options, shared by every command that runs models over images.
 
     ``views=False`` leaves out ``--tta``/``--merge`` for a command that defines its own
@@ -103,7 +103,7 @@ def add_engine_args(p: argparse.ArgumentParser, *, views: bool = True, amp: bool
         p.add_argument("--merge", default=None if recipe else "mean-logits", metavar="RULE",
                        help=f"merge over TTA views: {', '.join(MERGE_RULE_NAMES)} (default mean-logits"
                             + ("; with --recipe, each member's own)" if recipe else ")"))
-    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--backend", choices=backends, default="torch")
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="force a forward pass instead of reusing cached logits")
     p.add_argument("--cache-dir", default=None, metavar="PATH",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .._io import refuse_existing
 from ..errors import EnsemblerError
-from ..names import VOTE_RULES
+from ..names import PREDICT_BACKENDS, VOTE_RULES
 from ._common import (add_data_args, add_engine_args, add_registry_arg, console, default_workers, err_console,
                       parse_float_list, printed_warnings)
 
@@ -31,7 +31,10 @@ def register(sub) -> None:
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member, in --members order")
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="recipe JSON from tune-weights: its members, temperatures, weights and class biases")
-    add_engine_args(p, recipe=True)
+    add_engine_args(p, recipe=True, backends=PREDICT_BACKENDS)
+    p.add_argument("--model", default=None, metavar="ONNX",
+                   help="with --backend onnx-ensemble: the file from `ensembler export-ensemble` (it holds the "
+                        "members, TTA, temperatures, weights and biases; no registry or recipe needed)")
     p.add_argument("--out", required=True, metavar="CSV", help="submission file, e.g. submissions/soft.csv")
     p.add_argument("--probs", action="store_true", help="add prob_<class> columns (not for the mask eval layout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission with different content")
@@ -75,11 +78,15 @@ def cmd_predict(args) -> int:
     if args.recipe and args.members != "all":
         err_console().print("[yellow]note:[/] --members is ignored with --recipe: the recipe decides which "
                             "models run")
+    if (args.backend == "onnx-ensemble") != (args.model is not None):
+        raise EnsemblerError("--backend onnx-ensemble and --model ensemble.onnx go together")
     refuse_existing(args.out, overwrite=args.overwrite)  # before the data is read
     table = _load_table(args)
     if args.probs and (table.source or {}).get("info_csv"):
         err_console().print("[yellow]note:[/] --probs is ignored for mask eval data: its submission format is "
                             "info.csv with 'ans' filled")
+    if args.model is not None:
+        return _predict_onnx_ensemble(args, table)
     with printed_warnings():  # e.g. a torn last ledger line moved aside
         res = predict(table, args.registry, members=args.members, vote=args.vote, weights=weights,
                       recipe=args.recipe, tta=args.tta, merge=args.merge, backend=args.backend, out=args.out,
@@ -120,6 +127,40 @@ def cmd_predict(args) -> int:
         err_console().print(f"[yellow]note:[/] --tta {escape(res.inputs['tta'])} replaced the plans these recipe "
                             f"members were tuned with: {escape(shown)}; leave --tta out to run their own",
                             highlight=False)
+    msg = sub.repeat_message()
+    if msg:
+        con.print(msg, style="bold yellow", markup=False, highlight=False)
+    return 0
+
+
+def _predict_onnx_ensemble(args, table) -> int:
+    from rich.markup import escape
+
+    from ..export import predict_onnx, read_ensemble_meta
+
+    meta = read_ensemble_meta(args.model)
+    given = {"--recipe": args.recipe, "--members": None if args.members == "all" else args.members,
+             "--weights": args.weights, "--tta": None if args.tta in ("none", meta["tta"]) else args.tta,
+             "--merge": None if args.merge in ("mean-logits", meta["merge"]) else args.merge}
+    clash = [flag for flag, v in given.items() if v is not None]
+    if clash:
+        raise EnsemblerError(f"{', '.join(clash)} cannot be used with --backend onnx-ensemble: {args.model} was "
+                             f"exported with its recipe {meta['recipe_hash'][:12]}, TTA {meta['tta']} "
+                             f"({meta['merge']}); export again to change them")
+    with printed_warnings():  # e.g. a torn last ledger line moved aside
+        res = predict_onnx(table, args.model, out=args.out, with_probs=args.probs, overwrite=args.overwrite,
+                           batch_size=args.batch_size,
+                           workers=default_workers() if args.workers is None else args.workers,
+                           device=args.device, progress=True)
+    con, sub = console(), res.submission
+    con.print(f"predict · {len(res.ids)} images · {args.model} (onnx-ensemble) · recipe {res.recipe_hash[:12]} · "
+              f"vote {res.vote} · TTA {meta['tta']} ({meta['merge']}) · {len(res.members)} members", highlight=False,
+              markup=False)
+    if res.tie_rate is not None:
+        con.print(f"hard-vote ties: {res.tie_rate:.1%} of rows (broken to the smallest class index)", highlight=False)
+    con.print(f"submission: [bold]{escape(str(sub.path))}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)",
+              highlight=False)
+    con.print(f"ledger: {sub.ledger}", markup=False, highlight=False)
     msg = sub.repeat_message()
     if msg:
         con.print(msg, style="bold yellow", markup=False, highlight=False)

@@ -1,0 +1,474 @@
+"""The whole recipe as one ONNX graph: uint8 images in, blended class probabilities out.
+
+:func:`export_ensemble` traces one torch module that does everything ``predict --recipe``
+does after decoding, and writes it as ``ensemble.onnx`` (atomically, only once onnxruntime
+agrees with the torch module on a random batch):
+
+1. input ``images``: **uint8, NCHW, RGB, at the input geometry** recorded in the metadata
+   (``input``: size, crop_pct, interpolation, crop_mode) -- i.e. the image decoded, resized
+   and centre-cropped as that Preprocess does (:func:`ensembler.preprocess.Preprocess.geometry_transform`).
+   The geometry is the one most active checkpoints share (ties: the first member's). Batch is dynamic;
+2. per checkpoint: its own geometry when it differs from the input's (resize with the
+   member's interpolation, antialiased, rounded to uint8 levels, then timm's centre crop: a
+   resize *of the already-cropped input*, so close to but not equal to the engine, which
+   resizes the original image), its mean/std, its TTA views as tensor ops (flips, rot90,
+   fixed crops, scales; resizes are constant matrices, exact in float), its head's joint
+   logits per view and the merge rule over views;
+3. per member: the mean over its fold checkpoints; a composed member's per-factor parts
+   become joint log-probabilities; then the temperature;
+4. the recipe's vote (soft, weighted, gmean, logits, hard; ties to the smallest class) with
+   its weights, and its class biases; outputs ``probs`` (N, C) float32 and ``pred`` (N,) int64.
+
+The model's metadata (``ensembler`` key, JSON) records the recipe hash, every checkpoint's
+weights sha256, the TTA plan and merge rule, the input geometry and the classes.
+:func:`predict_onnx` decodes a SampleTable at that geometry, runs the graph through
+onnxruntime and writes the same submission and ledger row as ``predict --recipe``.
+
+What cannot be exported is refused with the reason (:class:`ExportError`): recipe members
+tuned from raw OOF files, vote rules or methods this module does not know (e.g. a stacking
+recipe), geometries that need lanczos resampling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ._io import atomic_path, sha256_file
+from .errors import EnsemblerError
+
+__all__ = ["ExportError", "EnsembleExport", "export_ensemble", "read_ensemble_meta", "predict_onnx",
+           "EXPORT_VOTES", "INPUT_NAME"]
+
+FORMAT = 1
+META_KEY = "ensembler"
+INPUT_NAME, PROBS_NAME, PRED_NAME = "images", "probs", "pred"
+EXPORT_VOTES = ("soft", "weighted", "gmean", "logits", "hard")
+EXPORT_METHODS = (None, "caruana", "scipy")
+DEFAULT_OPSET = 18
+
+
+class ExportError(EnsemblerError, ValueError):
+    """A recipe (or part of it) that cannot become one ONNX graph; the message says why."""
+
+
+@dataclass(frozen=True)
+class EnsembleExport:
+    """What :func:`export_ensemble` wrote and measured."""
+
+    path: Path
+    sha256: str
+    recipe_hash: str
+    checkpoints: int
+    views: int
+    input_size: tuple[int, int]
+    max_abs_diff: float
+    meta: dict
+
+
+# ----------------------------------------------------------------------------- tensor ops
+def _resize_matrix(n_in: int, n_out: int, mode: str, antialias: bool):
+    """(n_out, n_in) matrix doing what ``F.interpolate`` does along one axis (it is linear)."""
+    import torch
+    import torch.nn.functional as F
+
+    basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
+    kw = {} if mode == "nearest" else {"align_corners": False, "antialias": antialias}
+    out = F.interpolate(basis, size=(n_out, 1), mode=mode, **kw)
+    return out.reshape(n_in, n_out).T.contiguous().float()
+
+
+def _resize_op(size_in, size_out, mode: str, antialias: bool) -> tuple:
+    return ("matrices", _resize_matrix(size_in[0], size_out[0], mode, antialias),
+            _resize_matrix(size_in[1], size_out[1], mode, antialias))
+
+
+def _view_ops(view, size: tuple[int, int], resize_to) -> tuple[list[tuple], tuple[int, int]]:
+    """A TTA view as exportable ops on a (B, 3, H, W) float tensor, and its output size.
+
+    Mirrors :func:`ensembler.infer.tta.apply_view` (flips, rot90, ttach's crop anchors,
+    bilinear scales, the antialiased resize back of fixed-input-size models).
+    """
+    from .infer.tta import View
+
+    ops, (h, w) = [], size
+    for op in view.ops:
+        kind = op[0]
+        if kind in ("hflip", "vflip"):
+            ops.append(("flip", 3 if kind == "hflip" else 2))
+        elif kind == "rot90":
+            ops.append(("rot90", op[1] % 4))
+        elif kind == "crop":
+            _, anchor, ch, cw = op
+            top = {"lt": 0, "rt": 0, "lb": h - ch, "rb": h - ch}.get(anchor, h // 2 - ch // 2)
+            left = {"lt": 0, "lb": 0, "rt": w - cw, "rb": w - cw}.get(anchor, w // 2 - cw // 2)
+            ops.append(("slice", top, top + ch, left, left + cw))
+        elif kind == "scale":
+            ops.append(_resize_op((h, w), View((op,)).output_size((h, w)), "bilinear", False))
+        h, w = View((op,)).output_size((h, w))
+    if resize_to is not None and (h, w) != tuple(resize_to):
+        shrink = h > resize_to[0] or w > resize_to[1]
+        ops.append(_resize_op((h, w), tuple(resize_to), "bilinear", shrink))
+        h, w = tuple(resize_to)
+    return ops, (h, w)
+
+
+def _apply(ops, x, mats):
+    """Run :func:`_view_ops` ops; ``mats`` maps an op index to its (rows, cols) buffers."""
+    for i, op in enumerate(ops):
+        if op[0] == "flip":
+            x = x.flip(op[1])
+        elif op[0] == "rot90":  # torch.rot90(x, k, dims=(2, 3)) with exportable ops
+            x = {1: lambda t: t.flip(3).transpose(2, 3), 2: lambda t: t.flip(2).flip(3),
+                 3: lambda t: t.transpose(2, 3).flip(3)}.get(op[1], lambda t: t)(x)
+        elif op[0] == "slice":
+            x = x[:, :, op[1]:op[2], op[3]:op[4]]
+        else:
+            rows, cols = mats[i]
+            x = rows @ x @ cols.T
+    return x
+
+
+def _modules():
+    """The torch modules of the graph (defined lazily: no torch import at module import)."""
+    import torch
+    from torch import nn
+
+    from .infer.tta import merge_views
+    from .labels import joint_from_factor_logprobs
+    from .models import joint_logits
+
+    class Checkpoint(nn.Module):
+        """One checkpoint: geometry, normalisation, TTA views, joint logits, merge."""
+
+        def __init__(self, model, entry, plan, merge, geometry):
+            super().__init__()
+            self.model, self.head, self.labels, self.merge = model, entry.head, entry.labels, merge
+            self.geometry, self.views = geometry, []
+            self.register_buffer("mean", 255.0 * torch.tensor(entry.pre.mean).view(1, 3, 1, 1))
+            self.register_buffer("std", 255.0 * torch.tensor(entry.pre.std).view(1, 3, 1, 1))
+            resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
+            for v, view in enumerate(plan.views):
+                ops, size = _view_ops(view, entry.pre.input_size, resize_to)
+                for i, op in enumerate(ops):
+                    if op[0] == "matrices":
+                        self.register_buffer(f"v{v}_{i}_rows", op[1])
+                        self.register_buffer(f"v{v}_{i}_cols", op[2])
+                self.views.append((ops, size))
+            if geometry is not None:
+                for i, op in enumerate(geometry):
+                    if op[0] == "matrices":
+                        self.register_buffer(f"g_{i}_rows", op[1])
+                        self.register_buffer(f"g_{i}_cols", op[2])
+
+        def _mats(self, prefix, ops):
+            return {i: (getattr(self, f"{prefix}_{i}_rows"), getattr(self, f"{prefix}_{i}_cols"))
+                    for i, op in enumerate(ops) if op[0] == "matrices"}
+
+        def forward(self, x):  # x: float (B, 3, H, W) in 0..255
+            if self.geometry is not None:
+                x = _apply(self.geometry, x, self._mats("g", self.geometry))
+                x = x.round().clamp(0.0, 255.0)  # the engine's geometry gives uint8 levels
+            x = (x - self.mean) / self.std
+            groups: dict = {}
+            for v, (_, size) in enumerate(self.views):
+                groups.setdefault(size, []).append(v)
+            per_view = [None] * len(self.views)
+            for idx in groups.values():  # views of one size stacked in the batch: one forward
+                stacked = torch.cat([_apply(self.views[v][0], x, self._mats(f"v{v}", self.views[v][0]))
+                                     for v in idx], dim=0)
+                out = self.model(stacked)
+                out = out.reshape(len(idx), -1, out.shape[-1])
+                for j, v in enumerate(idx):
+                    per_view[v] = out[j]
+            views = torch.stack(per_view, dim=1)  # (B, V, K)
+            k = views.shape[-1]
+            joint = joint_logits(views.reshape(-1, k), self.head, self.labels)
+            return merge_views(joint.reshape(-1, len(self.views), joint.shape[-1]), self.merge)
+
+    class Ensemble(nn.Module):
+        """Members (mean over folds, composed parts), temperatures, the vote, class biases."""
+
+        def __init__(self, checkpoints, members, recipe):
+            super().__init__()
+            self.checkpoints = nn.ModuleList(checkpoints)
+            self.members = members  # [(temperature, weight, [[checkpoint index, ...] per part]) ...]
+            self.rule = recipe.vote
+            biases = recipe.class_biases
+            self.register_buffer("biases", None if biases is None else torch.tensor(biases, dtype=torch.float32))
+
+        def forward(self, images):
+            x = images.float()
+            outs = [c(x) for c in self.checkpoints]
+            zs, ws = [], []
+            for temperature, weight, parts in self.members:
+                logits = [torch.stack([outs[i] for i in part]).mean(dim=0) for part in parts]
+                z = logits[0] if len(logits) == 1 else joint_from_factor_logprobs(
+                    [torch.log_softmax(p, dim=-1) for p in logits])
+                zs.append(z / temperature)
+                ws.append(1.0 if self.rule == "soft" else weight)
+            total = sum(ws)
+            if self.rule == "hard":
+                num = zs[0].shape[-1]
+                classes = torch.arange(num, device=x.device)
+                counts = sum(w * (z.argmax(dim=-1, keepdim=True) == classes).float() for z, w in zip(zs, ws))
+                probs = counts / counts.sum(dim=-1, keepdim=True)
+            elif self.rule in ("soft", "weighted"):
+                probs = sum(w * torch.softmax(z, dim=-1) for z, w in zip(zs, ws)) / total
+            elif self.rule == "gmean":
+                probs = torch.softmax(sum(w * torch.log_softmax(z, dim=-1) for z, w in zip(zs, ws)) / total, dim=-1)
+            else:  # logits
+                probs = torch.softmax(sum(w * z for z, w in zip(zs, ws)) / total, dim=-1)
+            if self.biases is not None:
+                probs = torch.softmax(torch.log(probs) + self.biases, dim=-1)
+            return probs, probs.argmax(dim=-1)
+
+    return Checkpoint, Ensemble
+
+
+# ----------------------------------------------------------------------------- export
+def _geometry_of(pre) -> dict:
+    return {"input_size": list(pre.input_size), "crop_pct": pre.crop_pct, "interpolation": pre.interpolation,
+            "crop_mode": pre.crop_mode}
+
+
+def _member_geometry(src, pre) -> list | None:
+    """Ops taking an image at geometry ``src`` to ``pre``'s geometry (None when they are equal)."""
+    if src.geometry_key == pre.geometry_key:
+        return None
+    if pre.interpolation == "lanczos":
+        raise ExportError(f"a member's geometry ({pre.input_size}, lanczos) differs from the input's "
+                          f"{src.input_size}; lanczos resampling has no exact tensor form here")
+    h, w = src.input_size
+    target = pre.resize_size()
+    if isinstance(target, int):  # shorter side, aspect kept (torchvision's rule)
+        short, long_ = (h, w) if h <= w else (w, h)
+        other = int(target * long_ / short)
+        target = (target, other) if h <= w else (other, target)
+    ops = [_resize_op((h, w), target, pre.interpolation, True)]
+    ch, cw = pre.input_size
+    if ch > target[0] or cw > target[1]:
+        raise ExportError(f"member geometry {pre.input_size} needs a crop larger than its resize {target}")
+    top, left = int(round((target[0] - ch) / 2.0)), int(round((target[1] - cw) / 2.0))  # torchvision's centre
+    ops.append(("slice", top, top + ch, left, left + cw))
+    return ops
+
+
+def _joint_space(recipe, resolved) -> dict:
+    """The label space the blend predicts in (a composed member's: its parts' parent space)."""
+    first = recipe.active_members[0]
+    labels = resolved[(first.parts or (first.name,))[0]][0].labels
+    return labels.meta["factor_of"] if first.parts and "factor_of" in labels.meta else labels.to_dict()
+
+
+def _check_exportable(recipe, resolved) -> None:
+    if recipe.vote not in EXPORT_VOTES:
+        raise ExportError(f"recipe vote {recipe.vote!r} cannot be exported (exportable: {', '.join(EXPORT_VOTES)})")
+    if recipe.method not in EXPORT_METHODS:
+        raise ExportError(f"recipe method {recipe.method!r} cannot be exported: only weight blends "
+                          f"({', '.join(m for m in EXPORT_METHODS if m)} or hand-made) become one graph here")
+    for m in recipe.active_members:
+        if m.kind == "file":
+            raise ExportError(f"recipe member {m.name!r} was tuned from a raw OOF file: there is no model to export")
+    for m in recipe.active_members if resolved is not None else ():
+        have = sorted(e.sha256 for p in (m.parts or (m.name,)) for e in resolved[p])
+        if m.sha256 and sorted(m.sha256) != have:
+            raise ExportError(f"recipe member {m.name!r} was tuned on weights {[s[:12] for s in m.sha256]}, "
+                              f"the registry holds {[s[:12] for s in have]}; re-run tune-weights")
+
+
+def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", merge: str = "mean-logits",
+                    opset: int = DEFAULT_OPSET, atol: float = 1e-4, overwrite: bool = False) -> EnsembleExport:
+    """Write a recipe, its members' checkpoints and a TTA plan as one ONNX graph.
+
+    Parameters
+    ----------
+    recipe : Recipe, str or Path
+    registry : Registry, str or Path, optional
+    out : path
+        The ``.onnx`` file; an existing file is kept unless ``overwrite``.
+    tta, merge : str
+        TTA plan and merge rule, as ``predict --tta/--merge`` take them.
+    opset : int
+    atol : float
+        Largest accepted max-abs difference of probabilities between onnxruntime and the torch
+        module on a random batch; above it nothing is written (:class:`ExportError`).
+
+    Returns
+    -------
+    EnsembleExport
+
+    Examples
+    --------
+    >>> res = export_ensemble("recipe.json", "checkpoints", "ensemble.onnx", tta="hflip")  # doctest: +SKIP
+    >>> res.input_size, res.max_abs_diff < 1e-4  # doctest: +SKIP
+    ((224, 224), True)
+    """
+    import onnx
+    import torch
+
+    from .ensemble import Recipe
+    from .infer.onnx import make_session
+    from .infer.tta import check_merge, parse_tta
+    from .registry import Registry
+
+    recipe = Recipe.load(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe
+    registry = registry if hasattr(registry, "members") else Registry(registry)
+    plan, merge = parse_tta(tta), check_merge(merge)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise EnsemblerError(f"{out} exists; choose another --out or pass --overwrite")
+    _check_exportable(recipe, None)
+    atoms = [p for m in recipe.active_members for p in (m.parts or (m.name,))]
+    resolved = dict(registry.members(list(dict.fromkeys(atoms))))
+    _check_exportable(recipe, resolved)
+
+    entries = list({e.id: e for a in dict.fromkeys(atoms) for e in resolved[a]}.values())
+    for e in entries:
+        plan.check_input(e.pre.input_size)
+    keys = [e.pre.geometry_key for e in entries]
+    src = entries[max(range(len(entries)), key=lambda i: (keys.count(keys[i]), -i))].pre
+    Checkpoint, Ensemble = _modules()
+    index = {e.id: i for i, e in enumerate(entries)}
+    nets = [Checkpoint(registry.load_model(e, device="cpu"), e, plan, merge, _member_geometry(src, e.pre))
+            for e in entries]
+    members = [(m.temperature, m.weight, [[index[e.id] for e in resolved[p]] for p in (m.parts or (m.name,))])
+               for m in recipe.active_members]
+    net = Ensemble(nets, members, recipe).eval()
+
+    h, w = src.input_size
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 256, (2, 3, h, w), generator=gen, dtype=torch.uint8)
+    check = torch.randint(0, 256, (3, 3, h, w), generator=gen, dtype=torch.uint8)
+    meta = {
+        "format": FORMAT, "recipe_hash": recipe.hash(), "vote": recipe.vote, "tta": plan.spec, "merge": merge,
+        "views": len(plan), "input": _geometry_of(src), "classes": list(recipe.classes),
+        "label_space": _joint_space(recipe, resolved),
+        "members": [{"name": m.name, "weight": m.weight, "temperature": m.temperature,
+                     **({"parts": list(m.parts)} if m.parts else {}),
+                     "checkpoints": [{"id": e.id, "family": e.family, "fold": e.fold, "sha256": e.sha256}
+                                     for p in (m.parts or (m.name,)) for e in resolved[p]]}
+                    for m in recipe.active_members],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__},
+    }
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
+            torch.onnx.export(net, (example,), str(tmp), input_names=[INPUT_NAME],
+                              output_names=[PROBS_NAME, PRED_NAME], opset_version=int(opset),
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, PROBS_NAME: {0: "batch"},
+                                            PRED_NAME: {0: "batch"}},
+                              do_constant_folding=True, dynamo=False)
+        model = onnx.load(str(tmp))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
+        model.producer_name = "ensembler"
+        onnx.save(model, str(tmp))
+        got = make_session(tmp, "cpu").run([PROBS_NAME], {INPUT_NAME: check.numpy()})[0]
+        with torch.no_grad():
+            want = net(check)[0].numpy()
+        diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+        if not np.isfinite(diff) or diff > atol:
+            raise ExportError(f"the exported graph does not match the torch ensemble: max abs diff {diff:.3g} > "
+                              f"{atol:g}; {out} was not written")
+        digest = sha256_file(tmp)
+    return EnsembleExport(out, digest, meta["recipe_hash"], len(entries), len(plan), (h, w), diff, meta)
+
+
+# ----------------------------------------------------------------------------- running it
+def read_ensemble_meta(path) -> dict:
+    """The ``ensembler`` metadata of an exported ensemble; :class:`ExportError` naming the file otherwise."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"--model {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others on a bad file
+        raise ExportError(f"--model {path} is not an ONNX file ({type(exc).__name__}: {exc})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if META_KEY not in props:
+        raise ExportError(f"--model {path} was not written by `ensembler export-ensemble` (no '{META_KEY}' metadata)")
+    meta = json.loads(props[META_KEY])
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"--model {path} has export format {meta.get('format')!r}; this ensembler reads {FORMAT}")
+    return meta
+
+
+def predict_onnx(table, model, *, out=None, with_probs: bool = False, overwrite: bool = False, batch_size: int = 32,
+                 workers: int = 0, device=None, threads: int | None = None, progress: bool = True, ledger=None):
+    """Run an exported ensemble over a SampleTable; optionally write the submission and a ledger row.
+
+    Images are decoded once at the geometry the model records. Returns a
+    :class:`~ensembler.predict.PredictionResult` (``member_logits`` is empty: the members
+    live inside the graph); the ledger row records the recipe hash, every checkpoint's
+    sha256, the TTA plan and the model file's sha256, with backend ``onnx-ensemble``.
+    """
+    import torch
+
+    from .data import SampleTable
+    from .device import resolve_device
+    from .ensemble import tie_rate
+    from .errors import DataError
+    from .infer.engine import make_decode_loader, raise_decode_errors
+    from .infer.onnx import make_session
+    from .labels import LabelSpace
+    from .predict import PredictionResult
+    from .preprocess import Preprocess
+    from .progress import Ticker
+
+    meta = read_ensemble_meta(model)
+    if len(table) == 0:
+        raise DataError("the data has no images: nothing to predict")
+    if int(batch_size) < 1:
+        raise EnsemblerError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    session = make_session(model, dev, threads)
+    pre = Preprocess(**meta["input"])
+    space = LabelSpace.from_dict(meta["label_space"])
+    if list(space.classes) != list(meta["classes"]):
+        space = LabelSpace(tuple(meta["classes"]))
+    if table.label_space is None or not table.label_space.same_classes(space):
+        if table.label_space is not None and table.frame["label"].notna().any():
+            raise DataError(f"{table.describe()} has classes {list(table.label_space.classes)[:6]}..., the model "
+                            f"predicts {list(space.classes)[:6]}...: they are not the same task")
+        table = SampleTable(table.frame, space, table.source)
+    ids = np.asarray(table.ids).astype(str)
+    loader = make_decode_loader(list(table.paths), pre, int(batch_size), int(workers), pin=False)
+    probs = []
+    with Ticker("onnx-ensemble", total=len(ids), unit="images", enabled=progress) as tick, torch.inference_mode():
+        for _, images, errors in loader:
+            raise_decode_errors(errors)
+            probs.append(session.run([PROBS_NAME], {INPUT_NAME: images.numpy()})[0])
+            tick.advance(len(images))
+    probs = np.concatenate(probs).astype(np.float64)
+    pred = probs.argmax(axis=1).astype(np.int64)  # first maximum: ties go to the smallest class index
+    ties = tie_rate(probs) if meta["vote"] == "hard" else None
+    inputs = {
+        "recipe_hash": meta["recipe_hash"], "members": [
+            {"name": m["name"], "checkpoints": m["checkpoints"], **({"parts": m["parts"]} if "parts" in m else {})}
+            for m in meta["members"]],
+        "vote": meta["vote"], "weights": [m["weight"] for m in meta["members"]], "tta": meta["tta"],
+        "merge": meta["merge"], "backend": "onnx-ensemble",
+        "model": {"path": str(model), "sha256": sha256_file(model)},
+        "data_fingerprint": table.fingerprint(), "data": table.describe(), "rows": int(len(ids)),
+    }
+    result = PredictionResult(ids=ids, pred=pred, probs=probs, label_space=space, vote=meta["vote"],
+                              members=[m["name"] for m in meta["members"]], weights=inputs["weights"],
+                              member_logits={}, tie_rate=ties, recipe_hash=meta["recipe_hash"], inputs=inputs,
+                              member_parts={m["name"]: m["parts"] for m in meta["members"] if "parts" in m},
+                              table=table)
+    if out is not None:
+        from .submit import write_submission
+
+        result.submission = write_submission(table, pred, out, probs=probs, with_probs=with_probs, inputs=inputs,
+                                             overwrite=overwrite, ledger=ledger)
+    return result
