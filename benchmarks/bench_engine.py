@@ -29,6 +29,15 @@ Prints a rich table, then one last line::
 
 ``e2e_over_model`` and ``engine_over_ttach`` are the lower of the two models (the worst
 case); ``onnx_over_torch`` is engine-onnx / engine (torch) for efficientnet_b0.
+
+``--ensemble`` runs the other section instead: the models as one weighted recipe (fold-less
+families, temperatures, weights, class biases), ``predict(recipe=...)`` through the engine
+(torch, cache off) against the same recipe exported by ``export-ensemble`` with the same TTA
+views and run by ``predict_onnx`` (decode at the recorded geometry + one onnxruntime session),
+interleaved for ``--rounds`` rounds, best kept; it checks that the two agree (max abs
+difference of probabilities, argmax) and ends with::
+
+    RATIOS ensemble_onnx_over_engine=…
 """
 
 from __future__ import annotations
@@ -81,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1, max 4)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--ensemble", action="store_true",
+                        help="the exported ensemble (export-ensemble) against the engine running the same recipe")
     args = parser.parse_args(argv)
+    if args.ensemble:
+        return bench_ensemble(args)
 
     import pandas as pd
     import torch
@@ -199,6 +212,77 @@ def main(argv: list[str] | None = None) -> int:
     onnx_ratio = ratios.get("efficientnet_b0", next(iter(ratios.values())))["onnx_over_torch"]
     print(f"RATIOS e2e_over_model={worst['e2e_over_model']:.2f} engine_over_ttach={worst['engine_over_ttach']:.2f} "
           f"onnx_over_torch={onnx_ratio:.2f}")
+    return 0
+
+
+def bench_ensemble(args) -> int:
+    """The models as one recipe: engine (torch) vs the exported ONNX ensemble at equal views."""
+    import pandas as pd
+    import torch
+    from rich.console import Console
+
+    from ensembler.data import SampleTable
+    from ensembler.device import resolve_device
+    from ensembler.ensemble import Recipe, RecipeMember
+    from ensembler.export import export_ensemble, predict_onnx
+    from ensembler.infer import parse_tta
+    from ensembler.labels import LabelSpace
+    from ensembler.models import create_model
+    from ensembler.predict import predict
+    from ensembler.preprocess import Preprocess
+    from ensembler.registry import Registry
+
+    n_images = args.images or (16 if args.quick else 64)
+    rounds = args.rounds or (1 if args.quick else 2)
+    workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
+    device = resolve_device(args.device)
+    plan = parse_tta(args.tta)
+    console = Console()
+    labels = LabelSpace.mask()
+    archs = [a.strip() for a in args.models.split(",") if a.strip()]
+    with tempfile.TemporaryDirectory(prefix="bench_ensemble_") as tmp:
+        tmp = Path(tmp)
+        paths = _write_jpegs(tmp / "images", n_images)
+        table = SampleTable(pd.DataFrame({"id": [f"i{i}" for i in range(n_images)], "path": paths,
+                                          "label": [0] * n_images, "group": [str(i) for i in range(n_images)]}),
+                            labels)
+        reg = Registry(tmp / "checkpoints")
+        members = []
+        for i, arch in enumerate(archs):
+            torch.manual_seed(i)
+            entry = reg.add(create_model(arch, label_space=labels), family=arch, fold=None, arch=arch, head="flat",
+                            label_space=labels, preprocess=Preprocess.from_timm(arch, 224))
+            members.append(RecipeMember(arch, "family", labels.classes, weight=1.0 + i, temperature=1.0 + 0.25 * i,
+                                        sha256=(entry.sha256,)))
+        recipe = Recipe(members=tuple(members), vote="weighted",
+                        class_biases=tuple(np.linspace(-0.1, 0.1, labels.num_classes)))
+        console.print(f"[bold]bench_engine --ensemble[/] {n_images} JPEGs 256x256 · {', '.join(archs)} as one "
+                      f"weighted recipe · TTA {plan.spec} ({len(plan)} views) · batch {args.batch_size} · workers "
+                      f"{workers} · {device} · torch threads {torch.get_num_threads()} · {rounds} rounds (best kept)",
+                      highlight=False)
+        t0 = time.perf_counter()
+        exported = export_ensemble(recipe, reg, tmp / "ensemble.onnx", tta=plan)
+        console.print(f"  exported {exported.checkpoints} checkpoints x {exported.views} views in "
+                      f"{time.perf_counter() - t0:.1f} s ({exported.path.stat().st_size / 1e6:.0f} MB)", highlight=False)
+        common = dict(batch_size=args.batch_size, workers=workers, device=device, progress=False)
+        results, timings = {}, {}
+        runs = (("engine", lambda: predict(table, reg, recipe=recipe, tta=plan, use_cache=False,
+                                           cache_dir=tmp / "cache", **common)),
+                ("onnx-ensemble", lambda: predict_onnx(table, exported.path, **common)))
+        for r in range(rounds):
+            for name, fn in runs:
+                t0 = time.perf_counter()
+                results[name] = fn()
+                seconds = time.perf_counter() - t0
+                timings[name] = min(timings.get(name, float("inf")), seconds)
+                console.print(f"  round {r + 1}/{rounds}: {name:<14} {n_images / seconds:6.2f} images/s", highlight=False)
+        diff = float(np.abs(results["engine"].probs - results["onnx-ensemble"].probs).max())
+        agree = float((results["engine"].pred == results["onnx-ensemble"].pred).mean())
+        ratio = timings["engine"] / timings["onnx-ensemble"]
+        for name in ("engine", "onnx-ensemble"):
+            console.print(f"{name:<14} {n_images / timings[name]:6.2f} images/s", highlight=False)
+        console.print(f"max abs diff of probabilities {diff:.2e}, argmax agreement {agree:.3f}", highlight=False)
+    print(f"RATIOS ensemble_onnx_over_engine={ratio:.2f}")
     return 0
 
 

@@ -5,13 +5,17 @@ does after decoding, and writes it as ``ensemble.onnx`` (atomically, only once o
 agrees with the torch module on a random batch):
 
 1. input ``images``: **uint8, NCHW, RGB, at the input geometry** recorded in the metadata
-   (``input``: size, crop_pct, interpolation, crop_mode) -- i.e. the image decoded, resized
+   (``inputs[0]``: size, crop_pct, interpolation, crop_mode) -- i.e. the image decoded, resized
    and centre-cropped as that Preprocess does (:func:`ensembler.preprocess.Preprocess.geometry_transform`).
-   The geometry is the one most active checkpoints share (ties: the first member's). Batch is dynamic;
-2. per checkpoint: its own geometry when it differs from the input's (resize with the
-   member's interpolation, antialiased, rounded to uint8 levels, then timm's centre crop: a
-   resize *of the already-cropped input*, so close to but not equal to the engine, which
-   resizes the original image), its mean/std, its TTA views as tensor ops (flips, rot90,
+   The geometry is the one most active checkpoints share (ties: the first member's). Batch is dynamic.
+   With ``inputs="per-geometry"`` the graph takes one input per distinct member geometry
+   instead (``images``, ``images_1``, ...; each recorded in ``inputs``), decoded as the engine
+   decodes them, so the result equals the engine's to float precision;
+2. per checkpoint: its own geometry when it differs from its input's (``inputs="one"``: resize
+   with the member's interpolation, antialiased, rounded to uint8 levels, then timm's centre
+   crop: a resize *of the already-cropped input*, so close to but not equal to the engine, which
+   resizes the original image; measured up to 8e-4 on probabilities between resnet18's and
+   efficientnet_b0's timm geometries), its mean/std, its TTA views as tensor ops (flips, rot90,
    fixed crops, scales; resizes are constant matrices, exact in float), its head's joint
    logits per view and the merge rule over views;
 3. per member: the mean over its fold checkpoints; a composed member's per-factor parts
@@ -92,10 +96,10 @@ def _resize_op(size_in, size_out, mode: str, antialias: bool) -> tuple:
 def _view_ops(view, size: tuple[int, int], resize_to) -> tuple[list[tuple], tuple[int, int]]:
     """A TTA view as exportable ops on a (B, 3, H, W) float tensor, and its output size.
 
-    Mirrors :func:`ensembler.infer.tta.apply_view` (flips, rot90, ttach's crop anchors,
+    Mirrors :func:`ensembler.infer.views.apply_view` (flips, rot90, ttach's crop anchors,
     bilinear scales, the antialiased resize back of fixed-input-size models).
     """
-    from .infer.tta import View
+    from .infer.views import View
 
     ops, (h, w) = [], size
     for op in view.ops:
@@ -150,7 +154,7 @@ def _modules():
         def __init__(self, model, entry, plan, merge, geometry):
             super().__init__()
             self.model, self.head, self.labels, self.merge = model, entry.head, entry.labels, merge
-            self.geometry, self.views = geometry, []
+            self.geometry, self.views, self.source = geometry, [], 0
             self.register_buffer("mean", 255.0 * torch.tensor(entry.pre.mean).view(1, 3, 1, 1))
             self.register_buffer("std", 255.0 * torch.tensor(entry.pre.std).view(1, 3, 1, 1))
             resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
@@ -203,9 +207,9 @@ def _modules():
             biases = recipe.class_biases
             self.register_buffer("biases", None if biases is None else torch.tensor(biases, dtype=torch.float32))
 
-        def forward(self, images):
-            x = images.float()
-            outs = [c(x) for c in self.checkpoints]
+        def forward(self, *images):
+            xs = [im.float() for im in images]
+            outs = [c(xs[c.source]) for c in self.checkpoints]
             zs, ws = [], []
             for temperature, weight, parts in self.members:
                 logits = [torch.stack([outs[i] for i in part]).mean(dim=0) for part in parts]
@@ -216,7 +220,7 @@ def _modules():
             total = sum(ws)
             if self.rule == "hard":
                 num = zs[0].shape[-1]
-                classes = torch.arange(num, device=x.device)
+                classes = torch.arange(num, device=zs[0].device)
                 counts = sum(w * (z.argmax(dim=-1, keepdim=True) == classes).float() for z, w in zip(zs, ws))
                 probs = counts / counts.sum(dim=-1, keepdim=True)
             elif self.rule in ("soft", "weighted"):
@@ -284,7 +288,8 @@ def _check_exportable(recipe, resolved) -> None:
 
 
 def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", merge: str = "mean-logits",
-                    opset: int = DEFAULT_OPSET, atol: float = 1e-4, overwrite: bool = False) -> EnsembleExport:
+                    inputs: str = "one", opset: int = DEFAULT_OPSET, atol: float = 1e-4,
+                    overwrite: bool = False) -> EnsembleExport:
     """Write a recipe, its members' checkpoints and a TTA plan as one ONNX graph.
 
     Parameters
@@ -295,6 +300,10 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
         The ``.onnx`` file; an existing file is kept unless ``overwrite``.
     tta, merge : str
         TTA plan and merge rule, as ``predict --tta/--merge`` take them.
+    inputs : {"one", "per-geometry"}
+        One uint8 input at the most common member geometry (members at another geometry are
+        resized from it inside the graph: close to the engine, not equal), or one input per
+        distinct geometry (equal to the engine; the caller decodes once per geometry).
     opset : int
     atol : float
         Largest accepted max-abs difference of probabilities between onnxruntime and the torch
@@ -332,23 +341,34 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     entries = list({e.id: e for a in dict.fromkeys(atoms) for e in resolved[a]}.values())
     for e in entries:
         plan.check_input(e.pre.input_size)
+    if inputs not in ("one", "per-geometry"):
+        raise EnsemblerError(f"inputs must be 'one' or 'per-geometry', got {inputs!r}")
     keys = [e.pre.geometry_key for e in entries]
-    src = entries[max(range(len(entries)), key=lambda i: (keys.count(keys[i]), -i))].pre
+    distinct = sorted(dict.fromkeys(keys), key=lambda k: -keys.count(k))  # most shared first; ties: first seen
+    sources = [entries[keys.index(k)].pre for k in distinct]
+    if inputs == "one":
+        sources = sources[:1]
+    src = sources[0]
     Checkpoint, Ensemble = _modules()
     index = {e.id: i for i, e in enumerate(entries)}
-    nets = [Checkpoint(registry.load_model(e, device="cpu"), e, plan, merge, _member_geometry(src, e.pre))
-            for e in entries]
+    nets = []
+    for e in entries:
+        k = next((j for j, p in enumerate(sources) if p.geometry_key == e.pre.geometry_key), 0)
+        net_ = Checkpoint(registry.load_model(e, device="cpu"), e, plan, merge, _member_geometry(sources[k], e.pre))
+        net_.source = k
+        nets.append(net_)
     members = [(m.temperature, m.weight, [[index[e.id] for e in resolved[p]] for p in (m.parts or (m.name,))])
                for m in recipe.active_members]
     net = Ensemble(nets, members, recipe).eval()
 
     h, w = src.input_size
+    names = [INPUT_NAME] + [f"{INPUT_NAME}_{k}" for k in range(1, len(sources))]
     gen = torch.Generator().manual_seed(0)
-    example = torch.randint(0, 256, (2, 3, h, w), generator=gen, dtype=torch.uint8)
-    check = torch.randint(0, 256, (3, 3, h, w), generator=gen, dtype=torch.uint8)
+    example = tuple(torch.randint(0, 256, (2, 3, *p.input_size), generator=gen, dtype=torch.uint8) for p in sources)
+    check = tuple(torch.randint(0, 256, (3, 3, *p.input_size), generator=gen, dtype=torch.uint8) for p in sources)
     meta = {
         "format": FORMAT, "recipe_hash": recipe.hash(), "vote": recipe.vote, "tta": plan.spec, "merge": merge,
-        "views": len(plan), "input": _geometry_of(src), "classes": list(recipe.classes),
+        "views": len(plan), "inputs": [{"name": n, **_geometry_of(p)} for n, p in zip(names, sources)], "classes": list(recipe.classes),
         "label_space": _joint_space(recipe, resolved),
         "members": [{"name": m.name, "weight": m.weight, "temperature": m.temperature,
                      **({"parts": list(m.parts)} if m.parts else {}),
@@ -361,9 +381,9 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     with atomic_path(out) as tmp:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
-            torch.onnx.export(net, (example,), str(tmp), input_names=[INPUT_NAME],
+            torch.onnx.export(net, example, str(tmp), input_names=names,
                               output_names=[PROBS_NAME, PRED_NAME], opset_version=int(opset),
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, PROBS_NAME: {0: "batch"},
+                              dynamic_axes={**{n: {0: "batch"} for n in names}, PROBS_NAME: {0: "batch"},
                                             PRED_NAME: {0: "batch"}},
                               do_constant_folding=True, dynamo=False)
         model = onnx.load(str(tmp))
@@ -371,9 +391,9 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
         entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
         model.producer_name = "ensembler"
         onnx.save(model, str(tmp))
-        got = make_session(tmp, "cpu").run([PROBS_NAME], {INPUT_NAME: check.numpy()})[0]
+        got = make_session(tmp, "cpu").run([PROBS_NAME], {n: x.numpy() for n, x in zip(names, check)})[0]
         with torch.no_grad():
-            want = net(check)[0].numpy()
+            want = net(*check)[0].numpy()
         diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
         if not np.isfinite(diff) or diff > atol:
             raise ExportError(f"the exported graph does not match the torch ensemble: max abs diff {diff:.3g} > "
@@ -407,7 +427,7 @@ def predict_onnx(table, model, *, out=None, with_probs: bool = False, overwrite:
                  workers: int = 0, device=None, threads: int | None = None, progress: bool = True, ledger=None):
     """Run an exported ensemble over a SampleTable; optionally write the submission and a ledger row.
 
-    Images are decoded once at the geometry the model records. Returns a
+    Images are decoded once per input geometry the model records. Returns a
     :class:`~ensembler.predict.PredictionResult` (``member_logits`` is empty: the members
     live inside the graph); the ledger row records the recipe hash, every checkpoint's
     sha256, the TTA plan and the model file's sha256, with backend ``onnx-ensemble``.
@@ -432,7 +452,7 @@ def predict_onnx(table, model, *, out=None, with_probs: bool = False, overwrite:
         raise EnsemblerError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     session = make_session(model, dev, threads)
-    pre = Preprocess(**meta["input"])
+    geos = [(g["name"], Preprocess(**{k: v for k, v in g.items() if k != "name"})) for g in meta["inputs"]]
     space = LabelSpace.from_dict(meta["label_space"])
     if list(space.classes) != list(meta["classes"]):
         space = LabelSpace(tuple(meta["classes"]))
@@ -442,13 +462,17 @@ def predict_onnx(table, model, *, out=None, with_probs: bool = False, overwrite:
                             f"predicts {list(space.classes)[:6]}...: they are not the same task")
         table = SampleTable(table.frame, space, table.source)
     ids = np.asarray(table.ids).astype(str)
-    loader = make_decode_loader(list(table.paths), pre, int(batch_size), int(workers), pin=False)
+    loaders = [make_decode_loader(list(table.paths), pre, int(batch_size), int(workers), pin=False)
+               for _, pre in geos]  # same order and batches: zipped, one batch of every geometry at a time
     probs = []
     with Ticker("onnx-ensemble", total=len(ids), unit="images", enabled=progress) as tick, torch.inference_mode():
-        for _, images, errors in loader:
-            raise_decode_errors(errors)
-            probs.append(session.run([PROBS_NAME], {INPUT_NAME: images.numpy()})[0])
-            tick.advance(len(images))
+        for batches in zip(*loaders):
+            feed = {}
+            for (name, _), (_, images, errors) in zip(geos, batches):
+                raise_decode_errors(errors)
+                feed[name] = images.numpy()
+            probs.append(session.run([PROBS_NAME], feed)[0])
+            tick.advance(len(batches[0][1]))
     probs = np.concatenate(probs).astype(np.float64)
     pred = probs.argmax(axis=1).astype(np.int64)  # first maximum: ties go to the smallest class index
     ties = tie_rate(probs) if meta["vote"] == "hard" else None

@@ -77,7 +77,7 @@ def test_exported_ensemble_equals_predict_recipe(setup, tmp_path, vote, biases):
     meta = read_ensemble_meta(res.path)
     assert meta["recipe_hash"] == recipe.hash() == got.recipe_hash
     assert meta["tta"] == "hflip+five-crop=24x24" and meta["views"] == 10
-    assert meta["input"]["input_size"] == [32, 32]
+    assert [g["input_size"] for g in meta["inputs"]] == [[32, 32]]
     recorded = {c["id"]: c["sha256"] for m in meta["members"] for c in m["checkpoints"]}
     assert recorded == {e.id: e.sha256 for e in reg.entries()}
 
@@ -126,6 +126,12 @@ def test_members_with_another_geometry_are_resized_in_the_graph(tmp_path, one_to
     assert res.input_size == (32, 32)  # the geometry most checkpoints share
     got = predict_onnx(table, res.path, progress=False)
     assert np.abs(got.probs - want.probs).max() < 5e-3
+    np.testing.assert_array_equal(got.pred, want.pred)
+    # one input per geometry: each decoded as the engine decodes it, so equal to float precision
+    exact = export_ensemble(recipe, reg, tmp_path / "exact.onnx", inputs="per-geometry")
+    assert [g["input_size"] for g in exact.meta["inputs"]] == [[32, 32], [28, 28]]
+    got = predict_onnx(table, exact.path, batch_size=5, progress=False)
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
     np.testing.assert_array_equal(got.pred, want.pred)
 
 
