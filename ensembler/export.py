@@ -21,7 +21,8 @@ agrees with the torch module on a random batch):
 3. per member: the mean over its fold checkpoints; a composed member's per-factor parts
    become joint log-probabilities; then the temperature;
 4. the recipe's vote (soft, weighted, gmean, logits, hard; ties to the smallest class) with
-   its weights, and its class biases; outputs ``probs`` (N, C) float32 and ``pred`` (N,) int64.
+   its weights, or its stack (the logistic regression on floored log-softmax features), and
+   its class biases; outputs ``probs`` (N, C) float32 and ``pred`` (N,) int64.
 
 The model's metadata (``ensembler`` key, JSON) records the recipe hash, every checkpoint's
 weights sha256, the TTA plan and merge rule, the input geometry and the classes.
@@ -29,8 +30,8 @@ weights sha256, the TTA plan and merge rule, the input geometry and the classes.
 onnxruntime and writes the same submission and ledger row as ``predict --recipe``.
 
 What cannot be exported is refused with the reason (:class:`ExportError`): recipe members
-tuned from raw OOF files, vote rules or methods this module does not know (e.g. a stacking
-recipe), geometries that need lanczos resampling.
+tuned from raw OOF files, vote rules or methods this module does not know, weights the
+registry no longer holds, geometries that need lanczos resampling.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._ensemble_graph import ExportError, graph_modules, member_geometry
 from ._io import atomic_path, sha256_file
 from .errors import EnsemblerError
 
@@ -53,13 +55,9 @@ __all__ = ["ExportError", "EnsembleExport", "export_ensemble", "read_ensemble_me
 FORMAT = 1
 META_KEY = "ensembler"
 INPUT_NAME, PROBS_NAME, PRED_NAME = "images", "probs", "pred"
-EXPORT_VOTES = ("soft", "weighted", "gmean", "logits", "hard")
-EXPORT_METHODS = (None, "caruana", "scipy")
+EXPORT_VOTES = ("soft", "weighted", "gmean", "logits", "hard", "stack")
+EXPORT_METHODS = (None, "caruana", "scipy", "stack")
 DEFAULT_OPSET = 18
-
-
-class ExportError(EnsemblerError, ValueError):
-    """A recipe (or part of it) that cannot become one ONNX graph; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -76,192 +74,10 @@ class EnsembleExport:
     meta: dict
 
 
-# ----------------------------------------------------------------------------- tensor ops
-def _resize_matrix(n_in: int, n_out: int, mode: str, antialias: bool):
-    """(n_out, n_in) matrix doing what ``F.interpolate`` does along one axis (it is linear)."""
-    import torch
-    import torch.nn.functional as F
-
-    basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
-    kw = {} if mode == "nearest" else {"align_corners": False, "antialias": antialias}
-    out = F.interpolate(basis, size=(n_out, 1), mode=mode, **kw)
-    return out.reshape(n_in, n_out).T.contiguous().float()
-
-
-def _resize_op(size_in, size_out, mode: str, antialias: bool) -> tuple:
-    return ("matrices", _resize_matrix(size_in[0], size_out[0], mode, antialias),
-            _resize_matrix(size_in[1], size_out[1], mode, antialias))
-
-
-def _view_ops(view, size: tuple[int, int], resize_to) -> tuple[list[tuple], tuple[int, int]]:
-    """A TTA view as exportable ops on a (B, 3, H, W) float tensor, and its output size.
-
-    Mirrors :func:`ensembler.infer.views.apply_view` (flips, rot90, ttach's crop anchors,
-    bilinear scales, the antialiased resize back of fixed-input-size models).
-    """
-    from .infer.views import View
-
-    ops, (h, w) = [], size
-    for op in view.ops:
-        kind = op[0]
-        if kind in ("hflip", "vflip"):
-            ops.append(("flip", 3 if kind == "hflip" else 2))
-        elif kind == "rot90":
-            ops.append(("rot90", op[1] % 4))
-        elif kind == "crop":
-            _, anchor, ch, cw = op
-            top = {"lt": 0, "rt": 0, "lb": h - ch, "rb": h - ch}.get(anchor, h // 2 - ch // 2)
-            left = {"lt": 0, "lb": 0, "rt": w - cw, "rb": w - cw}.get(anchor, w // 2 - cw // 2)
-            ops.append(("slice", top, top + ch, left, left + cw))
-        elif kind == "scale":
-            ops.append(_resize_op((h, w), View((op,)).output_size((h, w)), "bilinear", False))
-        h, w = View((op,)).output_size((h, w))
-    if resize_to is not None and (h, w) != tuple(resize_to):
-        shrink = h > resize_to[0] or w > resize_to[1]
-        ops.append(_resize_op((h, w), tuple(resize_to), "bilinear", shrink))
-        h, w = tuple(resize_to)
-    return ops, (h, w)
-
-
-def _apply(ops, x, mats):
-    """Run :func:`_view_ops` ops; ``mats`` maps an op index to its (rows, cols) buffers."""
-    for i, op in enumerate(ops):
-        if op[0] == "flip":
-            x = x.flip(op[1])
-        elif op[0] == "rot90":  # torch.rot90(x, k, dims=(2, 3)) with exportable ops
-            x = {1: lambda t: t.flip(3).transpose(2, 3), 2: lambda t: t.flip(2).flip(3),
-                 3: lambda t: t.transpose(2, 3).flip(3)}.get(op[1], lambda t: t)(x)
-        elif op[0] == "slice":
-            x = x[:, :, op[1]:op[2], op[3]:op[4]]
-        else:
-            rows, cols = mats[i]
-            x = rows @ x @ cols.T
-    return x
-
-
-def _modules():
-    """The torch modules of the graph (defined lazily: no torch import at module import)."""
-    import torch
-    from torch import nn
-
-    from .infer.tta import merge_views
-    from .labels import joint_from_factor_logprobs
-    from .models import joint_logits
-
-    class Checkpoint(nn.Module):
-        """One checkpoint: geometry, normalisation, TTA views, joint logits, merge."""
-
-        def __init__(self, model, entry, plan, merge, geometry):
-            super().__init__()
-            self.model, self.head, self.labels, self.merge = model, entry.head, entry.labels, merge
-            self.geometry, self.views, self.source = geometry, [], 0
-            self.register_buffer("mean", 255.0 * torch.tensor(entry.pre.mean).view(1, 3, 1, 1))
-            self.register_buffer("std", 255.0 * torch.tensor(entry.pre.std).view(1, 3, 1, 1))
-            resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
-            for v, view in enumerate(plan.views):
-                ops, size = _view_ops(view, entry.pre.input_size, resize_to)
-                for i, op in enumerate(ops):
-                    if op[0] == "matrices":
-                        self.register_buffer(f"v{v}_{i}_rows", op[1])
-                        self.register_buffer(f"v{v}_{i}_cols", op[2])
-                self.views.append((ops, size))
-            if geometry is not None:
-                for i, op in enumerate(geometry):
-                    if op[0] == "matrices":
-                        self.register_buffer(f"g_{i}_rows", op[1])
-                        self.register_buffer(f"g_{i}_cols", op[2])
-
-        def _mats(self, prefix, ops):
-            return {i: (getattr(self, f"{prefix}_{i}_rows"), getattr(self, f"{prefix}_{i}_cols"))
-                    for i, op in enumerate(ops) if op[0] == "matrices"}
-
-        def forward(self, x):  # x: float (B, 3, H, W) in 0..255
-            if self.geometry is not None:
-                x = _apply(self.geometry, x, self._mats("g", self.geometry))
-                x = x.round().clamp(0.0, 255.0)  # the engine's geometry gives uint8 levels
-            x = (x - self.mean) / self.std
-            groups: dict = {}
-            for v, (_, size) in enumerate(self.views):
-                groups.setdefault(size, []).append(v)
-            per_view = [None] * len(self.views)
-            for idx in groups.values():  # views of one size stacked in the batch: one forward
-                stacked = torch.cat([_apply(self.views[v][0], x, self._mats(f"v{v}", self.views[v][0]))
-                                     for v in idx], dim=0)
-                out = self.model(stacked)
-                out = out.reshape(len(idx), -1, out.shape[-1])
-                for j, v in enumerate(idx):
-                    per_view[v] = out[j]
-            views = torch.stack(per_view, dim=1)  # (B, V, K)
-            k = views.shape[-1]
-            joint = joint_logits(views.reshape(-1, k), self.head, self.labels)
-            return merge_views(joint.reshape(-1, len(self.views), joint.shape[-1]), self.merge)
-
-    class Ensemble(nn.Module):
-        """Members (mean over folds, composed parts), temperatures, the vote, class biases."""
-
-        def __init__(self, checkpoints, members, recipe):
-            super().__init__()
-            self.checkpoints = nn.ModuleList(checkpoints)
-            self.members = members  # [(temperature, weight, [[checkpoint index, ...] per part]) ...]
-            self.rule = recipe.vote
-            biases = recipe.class_biases
-            self.register_buffer("biases", None if biases is None else torch.tensor(biases, dtype=torch.float32))
-
-        def forward(self, *images):
-            xs = [im.float() for im in images]
-            outs = [c(xs[c.source]) for c in self.checkpoints]
-            zs, ws = [], []
-            for temperature, weight, parts in self.members:
-                logits = [torch.stack([outs[i] for i in part]).mean(dim=0) for part in parts]
-                z = logits[0] if len(logits) == 1 else joint_from_factor_logprobs(
-                    [torch.log_softmax(p, dim=-1) for p in logits])
-                zs.append(z / temperature)
-                ws.append(1.0 if self.rule == "soft" else weight)
-            total = sum(ws)
-            if self.rule == "hard":
-                num = zs[0].shape[-1]
-                classes = torch.arange(num, device=zs[0].device)
-                counts = sum(w * (z.argmax(dim=-1, keepdim=True) == classes).float() for z, w in zip(zs, ws))
-                probs = counts / counts.sum(dim=-1, keepdim=True)
-            elif self.rule in ("soft", "weighted"):
-                probs = sum(w * torch.softmax(z, dim=-1) for z, w in zip(zs, ws)) / total
-            elif self.rule == "gmean":
-                probs = torch.softmax(sum(w * torch.log_softmax(z, dim=-1) for z, w in zip(zs, ws)) / total, dim=-1)
-            else:  # logits
-                probs = torch.softmax(sum(w * z for z, w in zip(zs, ws)) / total, dim=-1)
-            if self.biases is not None:
-                probs = torch.softmax(torch.log(probs) + self.biases, dim=-1)
-            return probs, probs.argmax(dim=-1)
-
-    return Checkpoint, Ensemble
-
-
 # ----------------------------------------------------------------------------- export
 def _geometry_of(pre) -> dict:
     return {"input_size": list(pre.input_size), "crop_pct": pre.crop_pct, "interpolation": pre.interpolation,
             "crop_mode": pre.crop_mode}
-
-
-def _member_geometry(src, pre) -> list | None:
-    """Ops taking an image at geometry ``src`` to ``pre``'s geometry (None when they are equal)."""
-    if src.geometry_key == pre.geometry_key:
-        return None
-    if pre.interpolation == "lanczos":
-        raise ExportError(f"a member's geometry ({pre.input_size}, lanczos) differs from the input's "
-                          f"{src.input_size}; lanczos resampling has no exact tensor form here")
-    h, w = src.input_size
-    target = pre.resize_size()
-    if isinstance(target, int):  # shorter side, aspect kept (torchvision's rule)
-        short, long_ = (h, w) if h <= w else (w, h)
-        other = int(target * long_ / short)
-        target = (target, other) if h <= w else (other, target)
-    ops = [_resize_op((h, w), target, pre.interpolation, True)]
-    ch, cw = pre.input_size
-    if ch > target[0] or cw > target[1]:
-        raise ExportError(f"member geometry {pre.input_size} needs a crop larger than its resize {target}")
-    top, left = int(round((target[0] - ch) / 2.0)), int(round((target[1] - cw) / 2.0))  # torchvision's centre
-    ops.append(("slice", top, top + ch, left, left + cw))
-    return ops
 
 
 def _joint_space(recipe, resolved) -> dict:
@@ -349,12 +165,12 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     if inputs == "one":
         sources = sources[:1]
     src = sources[0]
-    Checkpoint, Ensemble = _modules()
+    Checkpoint, Ensemble = graph_modules()
     index = {e.id: i for i, e in enumerate(entries)}
     nets = []
     for e in entries:
         k = next((j for j, p in enumerate(sources) if p.geometry_key == e.pre.geometry_key), 0)
-        net_ = Checkpoint(registry.load_model(e, device="cpu"), e, plan, merge, _member_geometry(sources[k], e.pre))
+        net_ = Checkpoint(registry.load_model(e, device="cpu"), e, plan, merge, member_geometry(sources[k], e.pre))
         net_.source = k
         nets.append(net_)
     members = [(m.temperature, m.weight, [[index[e.id] for e in resolved[p]] for p in (m.parts or (m.name,))])
@@ -368,7 +184,8 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     check = tuple(torch.randint(0, 256, (3, 3, *p.input_size), generator=gen, dtype=torch.uint8) for p in sources)
     meta = {
         "format": FORMAT, "recipe_hash": recipe.hash(), "vote": recipe.vote, "tta": plan.spec, "merge": merge,
-        "views": len(plan), "inputs": [{"name": n, **_geometry_of(p)} for n, p in zip(names, sources)], "classes": list(recipe.classes),
+        "views": len(plan), "inputs": [{"name": n, **_geometry_of(p)} for n, p in zip(names, sources)],
+        "classes": list(recipe.classes),
         "label_space": _joint_space(recipe, resolved),
         "members": [{"name": m.name, "weight": m.weight, "temperature": m.temperature,
                      **({"parts": list(m.parts)} if m.parts else {}),

@@ -82,6 +82,18 @@ def test_exported_ensemble_equals_predict_recipe(setup, tmp_path, vote, biases):
     assert recorded == {e.id: e.sha256 for e in reg.entries()}
 
 
+def test_stacked_recipe_exports_its_regression(setup, tmp_path):
+    table, reg = setup
+    rng = np.random.default_rng(0)
+    stack = {"coef": rng.normal(size=(3, 6)).tolist(), "intercept": [0.1, -0.2, 0.0], "classes": [0, 2], "C": 1.0}
+    recipe = Recipe(members=_recipe(reg).members, vote="stack", method="stack", stack=stack)
+    want = predict(table, reg, recipe=recipe, tta="hflip", cache_dir=tmp_path / "cache", progress=False)
+    got = predict_onnx(table, export_ensemble(recipe, reg, tmp_path / "stack.onnx", tta="hflip").path, progress=False)
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
+    np.testing.assert_array_equal(got.pred, want.pred)
+    assert np.all(got.probs[:, 1] == 0)  # a class the stack never saw
+
+
 def test_factored_head_and_per_factor_members_export(tmp_path, one_torch_thread):
     torch.manual_seed(0)
     space = LabelSpace.mask()
@@ -140,9 +152,9 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(setup, tmp_path):
     raw = Recipe(members=(RecipeMember("oof", "file", LABELS.classes),))
     with pytest.raises(ExportError, match="raw OOF file"):
         export_ensemble(raw, reg, tmp_path / "a.onnx")
-    stacked = Recipe(members=_recipe(reg).members, vote="weighted", method="stack")
-    with pytest.raises(ExportError, match="method 'stack' cannot be exported"):
-        export_ensemble(stacked, reg, tmp_path / "b.onnx")
+    unknown = Recipe(members=_recipe(reg).members, vote="weighted", method="ridge-stack")
+    with pytest.raises(ExportError, match="method 'ridge-stack' cannot be exported"):
+        export_ensemble(unknown, reg, tmp_path / "b.onnx")
     stale = Recipe(members=(RecipeMember("res", "family", LABELS.classes, sha256=("0" * 64, "1" * 64)),))
     with pytest.raises(ExportError, match="re-run tune-weights"):
         export_ensemble(stale, reg, tmp_path / "c.onnx")
