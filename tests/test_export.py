@@ -185,3 +185,18 @@ def test_cli_export_then_predict_writes_the_same_submission(setup, tmp_path, cap
     assert main(["predict", "--data", str(csv), "--backend", "onnx-ensemble", "--model", str(tmp_path / "e.onnx"),
                  "--tta", "flip", "--out", str(tmp_path / "s3.csv")]) == 2
     assert "--tta cannot be used with --backend onnx-ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_recipe_exports_with_parity(tmp_path):
+    """The acceptance run: the demo's tuned recipe, its TTA, probabilities within 1e-4 of predict --recipe."""
+    from ensembler.demo import TTA, run_demo
+
+    demo = run_demo(tmp_path / "demo", quick=True, progress=False)
+    reg = Registry(demo.out_dir / "checkpoints")
+    test = load_source(demo.out_dir / "splits" / "test.csv")
+    want = predict(test, reg, recipe=demo.out_dir / "recipe.json", tta=TTA, progress=False)
+    res = export_ensemble(demo.out_dir / "recipe.json", reg, tmp_path / "demo.onnx", tta=TTA)
+    got = predict_onnx(test, res.path, progress=False)
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
+    np.testing.assert_array_equal(got.pred, want.pred)

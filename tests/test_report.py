@@ -175,7 +175,6 @@ def test_demo_report_renders_in_headless_chromium(tmp_path):
 
     demo = run_demo(tmp_path / "demo", quick=True, progress=False)
     reg = Registry(demo.out_dir / "checkpoints")
-    train = SampleTable.from_csv(demo.out_dir / "splits" / "train.csv") if hasattr(SampleTable, "from_csv") else None
     from ensembler.data import load_source
 
     train = load_source(demo.out_dir / "splits" / "train.csv")

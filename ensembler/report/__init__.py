@@ -249,7 +249,8 @@ def build_report(registry=None, *, recipe=None, tta_reports: Sequence = (), data
         page.text("OOF scores are over every training row, each predicted by the fold model that did not see it. "
                   "The fold spread is the standard deviation of macro-F1 over folds; the honest row re-tunes the "
                   "blend inside each fold and scores it on the fold left out"
-                  + (f" (method {recipe.method}, tuned for {recipe.metric})." if recipe is not None else "."), note=True)
+                  + (f" (the recipe: {recipe.method or 'a simple vote, no tuned weights'}, chosen on {recipe.metric})."
+                     if recipe is not None else "."), note=True)
         tick.advance(1)
 
         # ------------------------------------------------------------ heatmaps

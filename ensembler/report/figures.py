@@ -161,8 +161,8 @@ def learning_curves(families: Sequence[tuple[str, Mapping[int, Mapping[str, np.n
         ax_loss, ax_f1 = fig.add_subplot(n, 2, 2 * k + 1), fig.add_subplot(n, 2, 2 * k + 2)
         for i, (fold, h) in enumerate(sorted(folds.items())):
             color = f"C{i % 10}"
-            ax_loss.plot(h["epoch"], h["train_loss"], "--", color=color, linewidth=1)
-            ax_loss.plot(h["epoch"], h["val_loss"], "-", color=color, linewidth=1.4, label=f"fold {fold}")
+            ax_loss.plot(h["epoch"], h["train_loss"], "--", color=color, linewidth=1, marker=".")
+            ax_loss.plot(h["epoch"], h["val_loss"], "-", color=color, linewidth=1.4, marker=".", label=f"fold {fold}")
             ax_f1.plot(h["epoch"], h["val_f1"], "-", color=color, marker=".", label=f"fold {fold}")
         ax_loss.set_title(f"{family}: loss (dashed train, solid val)", fontsize=9)
         ax_f1.set_title(f"{family}: validation macro-F1", fontsize=9)

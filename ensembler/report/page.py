@@ -20,7 +20,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;padding:0 12px 40px;
      color:#1b1b1f;background:#fafafa;line-height:1.45;max-width:1100px;margin-inline:auto}
 h1{font-size:1.5rem;margin:18px 0 4px}h2{font-size:1.2rem;margin:28px 0 6px;border-bottom:1px solid #ddd}
-p.note,.small{color:#555;font-size:.9rem}nav{font-size:.9rem;margin:8px 0}nav a{margin-right:10px;white-space:nowrap}
+p,h1,h2,figcaption{overflow-wrap:anywhere}p.note,.small{color:#555;font-size:.9rem}nav{font-size:.9rem;margin:8px 0}nav a{margin-right:10px;white-space:nowrap}
 figure{margin:10px 0}figure img{max-width:100%;height:auto;display:block;border:1px solid #e4e4e4;background:#fff}
 figcaption{font-size:.85rem;color:#555}.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
 table{border-collapse:collapse;font-size:.85rem;background:#fff;margin:6px 0}
