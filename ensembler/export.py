@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ._ensemble_graph import ExportError, graph_modules, member_geometry
-from ._io import atomic_path, sha256_file
+from ._io import atomic_path, refuse_existing, sha256_file
 from .errors import EnsemblerError
 
 __all__ = ["ExportError", "EnsembleExport", "export_ensemble", "read_ensemble_meta", "predict_onnx",
@@ -147,8 +147,7 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     registry = registry if hasattr(registry, "members") else Registry(registry)
     plan, merge = parse_tta(tta), check_merge(merge)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise EnsemblerError(f"{out} exists; choose another --out or pass --overwrite")
+    refuse_existing(out, overwrite=overwrite)  # before any model loads
     _check_exportable(recipe, None)
     atoms = [p for m in recipe.active_members for p in (m.parts or (m.name,))]
     resolved = dict(registry.members(list(dict.fromkeys(atoms))))
@@ -266,6 +265,8 @@ def predict_onnx(table, model, *, out=None, with_probs: bool = False, overwrite:
     from .progress import Ticker
 
     meta = read_ensemble_meta(model)
+    if out is not None:
+        refuse_existing(out, overwrite=overwrite)  # before any image is decoded
     if len(table) == 0:
         raise DataError("the data has no images: nothing to predict")
     if int(batch_size) < 1:

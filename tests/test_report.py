@@ -138,6 +138,9 @@ def test_report_cli_without_recipe_and_bad_tta_file(tmp_path, capsys):
     check_self_contained(html)
     assert "soft vote (in-sample)" in html and "No tta-report files given" in html
     assert "wrote" in capsys.readouterr().out
+    assert main(["report", "--registry", str(reg.root), "--out", str(out)]) == 2  # the one --out rule
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["report", "--registry", str(reg.root), "--out", str(out), "--overwrite"]) == 0
     with pytest.raises(ReportError, match="oof.npz is not an OOF-TTA file"):
         build_report(reg, tta_reports=[reg.root / "res" / "oof.npz"], out=tmp_path / "x.html", progress=False)
     assert not (tmp_path / "x.html").exists()

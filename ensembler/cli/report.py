@@ -26,6 +26,7 @@ def register(sub) -> None:
                    help="submission ledger (default <registry>/../submissions/ledger.jsonl)")
     add_engine_args(p)
     p.add_argument("--out", required=True, metavar="HTML", help="file to write, e.g. report.html")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_report)
 
 
@@ -40,7 +41,8 @@ def cmd_report(args) -> int:
     res = build_report(args.registry, recipe=args.recipe, tta_reports=args.tta_reports, data=table,
                        ledger=args.ledger, out=args.out, tta=args.tta, merge=args.merge, backend=args.backend,
                        batch_size=args.batch_size, workers=default_workers() if args.workers is None else args.workers,
-                       device=args.device, cache_dir=args.cache_dir, progress=True)
+                       device=args.device, cache_dir=args.cache_dir, overwrite=args.overwrite,
+                       progress=True)
     con = console()
     for note in res.notes:
         con.print(f"note: {note}", markup=False, highlight=False, style="yellow")

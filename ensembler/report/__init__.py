@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .._io import write_text_atomic
+from .._io import refuse_existing, write_text_atomic
 from ..errors import EnsemblerError
 from ..metrics import accuracy, classification_scores, confusion_matrix, log_loss, macro_f1, per_class_f1, softmax
 from . import figures
@@ -107,7 +107,7 @@ def _metrics_csv(path: Path) -> dict[int, dict[str, np.ndarray]]:
 
 def build_report(registry=None, *, recipe=None, tta_reports: Sequence = (), data=None, ledger=None,
                  out="report.html", tta: str = "none", merge: str = "mean-logits", backend: str = "torch",
-                 batch_size: int = 32, workers: int = 0, device=None, cache_dir=None,
+                 batch_size: int = 32, workers: int = 0, device=None, cache_dir=None, overwrite: bool = False,
                  progress: bool = True) -> ReportResult:
     """Write the report page.
 
@@ -125,7 +125,7 @@ def build_report(registry=None, *, recipe=None, tta_reports: Sequence = (), data
     ledger : path, optional
         Default ``<registry>/../submissions/ledger.jsonl`` when it exists.
     out : path
-        The HTML file (written atomically).
+        The HTML file (written atomically); an existing one is replaced only with ``overwrite``.
 
     Returns
     -------
@@ -144,8 +144,7 @@ def build_report(registry=None, *, recipe=None, tta_reports: Sequence = (), data
     reg = registry if hasattr(registry, "family") else Registry(registry)
     recipe = Recipe.load(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe
     out = Path(out)
-    if out.exists() and out.is_dir():
-        raise ReportError(f"--out {out} is a folder; give an .html file name")
+    refuse_existing(out, overwrite=overwrite)  # before any work
     tta_meta = [(Path(p), _tta_file(p)) for p in tta_reports]
     members = load_members(recipe.names if recipe is not None else "all", registry=reg)
     names = [m.name for m in members]
