@@ -172,6 +172,11 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
         net_ = Checkpoint(registry.load_model(e, device="cpu"), e, plan, merge, member_geometry(sources[k], e.pre))
         net_.source = k
         nets.append(net_)
+    size = sum(t.numel() * t.element_size() for n_ in nets for t in n_.model.state_dict().values())
+    if size > 1.9e9:  # protobuf's 2 GiB limit: one .onnx file cannot hold more
+        raise ExportError(f"the recipe's {len(entries)} checkpoints hold {size / 1e9:.1f} GB of weights; one ONNX "
+                          "file holds under 2 GB (protobuf) and this export writes no external data files: drop "
+                          "weight-0 or weak members, or ship fewer folds")
     members = [(m.temperature, m.weight, [[index[e.id] for e in resolved[p]] for p in (m.parts or (m.name,))])
                for m in recipe.active_members]
     net = Ensemble(nets, members, recipe).eval()
