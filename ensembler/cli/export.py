@@ -5,6 +5,7 @@ Parsing and printing only; the work is :func:`ensembler.export.export_ensemble`.
 
 from __future__ import annotations
 
+from ..names import EXPORT_INPUTS
 from ._common import add_registry_arg, console
 
 
@@ -21,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--recipe", required=True, metavar="FILE", help="recipe JSON from tune-weights")
     p.add_argument("--tta", default="none", metavar="PLAN", help="TTA plan built into the graph (default none)")
     p.add_argument("--merge", default="mean-logits", metavar="RULE", help="merge over TTA views (default mean-logits)")
-    p.add_argument("--inputs", choices=("one", "per-geometry"), default="one",
+    p.add_argument("--inputs", choices=EXPORT_INPUTS, default="one",
                    help="one uint8 input at the most common member geometry (others resized inside the graph: "
                         "close to the engine, not equal), or one input per member geometry (equal to the engine)")
     p.add_argument("--out", required=True, metavar="ONNX", help="file to write, e.g. ensemble.onnx")
