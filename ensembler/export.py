@@ -149,6 +149,13 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     out = Path(out)
     refuse_existing(out, overwrite=overwrite)  # before any model loads
     _check_exportable(recipe, None)
+    for m in recipe.active_members:  # recipes may carry per-member plans (tune-weights --tta)
+        if m.member and m.member != m.name:
+            raise ExportError(f"recipe member {m.name!r} runs registry member {m.member!r} with its own views; "
+                              "per-member TTA plans are not exported yet")
+        if (m.tta is not None and parse_tta(m.tta).spec != plan.spec) or (m.merge is not None and m.merge != merge):
+            raise ExportError(f"recipe member {m.name!r} was tuned with TTA {m.tta!r} ({m.merge}); export with "
+                              f"--tta {m.tta} --merge {m.merge or merge} (one plan for every member)")
     atoms = [p for m in recipe.active_members for p in (m.parts or (m.name,))]
     resolved = dict(registry.members(list(dict.fromkeys(atoms))))
     _check_exportable(recipe, resolved)

@@ -140,8 +140,8 @@ def _predict_onnx_ensemble(args, table) -> int:
 
     meta = read_ensemble_meta(args.model)
     given = {"--recipe": args.recipe, "--members": None if args.members == "all" else args.members,
-             "--weights": args.weights, "--tta": None if args.tta in ("none", meta["tta"]) else args.tta,
-             "--merge": None if args.merge in ("mean-logits", meta["merge"]) else args.merge}
+             "--weights": args.weights, "--tta": None if args.tta in (None, "none", meta["tta"]) else args.tta,
+             "--merge": None if args.merge in (None, "mean-logits", meta["merge"]) else args.merge}
     clash = [flag for flag, v in given.items() if v is not None]
     if clash:
         raise EnsemblerError(f"{', '.join(clash)} cannot be used with --backend onnx-ensemble: {args.model} was "
