@@ -200,3 +200,27 @@ def readonly_dir(tmp_path):
         pytest.skip("cannot make a read-only folder here")
     yield folder
     folder.chmod(0o755)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance for the ``ray`` tests: 2 CPUs and 2 *logical* GPUs (placement only;
+    no CUDA needed), workers with one torch thread, this checkout importable on them."""
+    ray = pytest.importorskip("ray", reason='the ray tests need pip install -e ".[ray]"')
+    import os
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    for attempt in range(3):
+        # Ray's raylet gives its agents a fixed 15 s to start (ray-project/ray#65983): on a
+        # machine this loaded a start can time out, and the next one usually does not.
+        try:
+            ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+            break
+        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()

@@ -145,3 +145,34 @@ def test_no_file_over_500_lines():
                for p, _ in modules().values()}
     long = sorted(f for f, n in lengths.items() if n > MAX_LINES)
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_ray_is_imported_only_inside_functions_of_the_executors():
+    """Nothing imports ray unless a Ray executor asks for it: no module-level ``import ray``
+    anywhere, and function-local ones only in ``ensembler.executors``."""
+    found = []
+    for mod in modules():
+        body_level = {id(n) for n in tree(mod).body}
+        for node in ast.walk(tree(mod)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                found.append((mod, node.lineno, id(node) in body_level))
+    assert found, "the rule sees no ray import at all"
+    assert not [f for f in found if f[2]], f"module-level ray imports: {[f for f in found if f[2]]}"
+    outside = [f for f in found if not f[0].startswith("ensembler.executors")]
+    assert not outside, f"ray imported outside ensembler.executors: {outside}"
+
+
+def test_importing_every_module_does_not_import_ray():
+    import subprocess
+    import sys
+
+    names = sorted(m for m in modules() if m != "ensembler.__main__")
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n    importlib.import_module(name)\n"
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False", "importing ensembler imported ray"

@@ -136,3 +136,38 @@ def parse_float_list(text: str | None, flag: str) -> list[float] | None:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_executor_args(p, unit: str = "fold") -> None:
+    """``--executor local|ray`` and the Ray flags; ``unit`` names the work (``fold``, ``worker``)."""
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help=f"where each {unit} runs: local (this process, default) or ray (a Ray cluster)")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="the Ray cluster: auto (the one `ray start --head` runs here), HOST:PORT of its head "
+                        "(default: $RAY_ADDRESS, else a Ray instance started on this machine for the run)")
+    p.add_argument(f"--gpus-per-{unit}", dest="gpus_per_task", type=float, default=None, metavar="N",
+                   help=f"GPUs each {unit} holds on Ray (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument(f"--cpus-per-{unit}", dest="cpus_per_task", type=float, default=None, metavar="N",
+                   help=f"CPUs each {unit} holds on Ray (its torch threads; default 1)")
+    p.add_argument("--max-retries", type=int, default=None, metavar="N",
+                   help=f"times a {unit} whose Ray worker died is run again (default 1)")
+    if unit == "worker":
+        p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                       help="inference actors (default: as many as the cluster's GPUs or CPUs allow)")
+
+
+def executor_from_args(args, unit: str = "fold"):
+    """``"local"``, or the RayExecutor the flags describe (connecting to the cluster now)."""
+    ray_flags = {"--ray-address": args.ray_address, f"--gpus-per-{unit}": args.gpus_per_task,
+                 f"--cpus-per-{unit}": args.cpus_per_task, "--max-retries": args.max_retries,
+                 "--ray-workers": getattr(args, "ray_workers", None)}
+    if args.executor == "local":
+        given = [flag for flag, value in ray_flags.items() if value is not None]
+        if given:
+            raise EnsemblerError(f"{', '.join(given)} only apply with --executor ray")
+        return "local"
+    from ..executors import RayExecutor
+
+    return RayExecutor(args.ray_address, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task or 1,
+                       max_retries=1 if args.max_retries is None else args.max_retries,
+                       workers=getattr(args, "ray_workers", None), unit=unit)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..names import AUGMENTS, CROPS, HEADS, LOSS_NAMES, MONITORS, OPTIMIZERS, SCHEDULERS, TARGETS
-from ._common import add_data_args, add_registry_arg, console, err_console, parse_int_list, printed_warnings
+from ._common import (add_data_args, add_executor_args, add_registry_arg, console, err_console, executor_from_args,
+                      parse_int_list, printed_warnings)
 
 _EPILOG = """\
 defaults by regime (measured on real face photos, benchmarks/bench_quality.py):
@@ -18,6 +19,8 @@ examples:
   ensembler train-folds --data /data/mask/train --arch efficientnet_b3 --k 5 --loss mix --loss-weights ce=0.3,f1=0.7
   ensembler train-folds --data /data/mask/train --arch efficientnet_b3 --target age --loss focal
   ensembler train-folds --data /data/mask/train --arch resnet50 --resume --family resnet50-flat
+  ensembler train-folds --data /shared/mask/train --arch efficientnet_b3,resnet50 --executor ray \
+      --ray-address auto --gpus-per-fold 1 --registry /shared/checkpoints
 
 files (under the registry): <family>/fold<k>/weights.safetensors, <family>/oof.npz,
 <family>/metrics.csv, <family>/learning_curves.png; <family>/fold<k>/state.pt while a fold
@@ -39,7 +42,9 @@ def register(sub) -> None:
     add_data_args(p)
     add_registry_arg(p)
     g = p.add_argument_group("model")
-    g.add_argument("--arch", required=True, help="timm architecture, e.g. resnet18, efficientnet_b3, swin_base_patch4_window7_224")
+    g.add_argument("--arch", required=True,
+                   help="timm architecture, e.g. resnet18, efficientnet_b3, swin_base_patch4_window7_224; several, "
+                   "comma-separated (resnet18,efficientnet_b0), train one family each in one run")
     g.add_argument("--head", choices=HEADS, default="flat",
                    help="flat: one logit per class; factored: one block per factor (mask data) (default flat)")
     g.add_argument("--target", choices=TARGETS, default=None,
@@ -99,15 +104,31 @@ def register(sub) -> None:
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms: a resumed run matches an uninterrupted one (CPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_executor_args(g, unit="fold")
     p.set_defaults(func=_train_folds)
 
 
-def config_from_args(args):
-    """The TrainConfig the parsed flags describe."""
+def configs_from_args(args) -> list:
+    """One TrainConfig per ``--arch`` (comma-separated)."""
+    from ..errors import EnsemblerError
+
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    if not archs:
+        raise EnsemblerError("--arch: name a timm architecture")
+    if len(set(archs)) != len(archs):
+        raise EnsemblerError(f"--arch {args.arch}: an architecture is listed twice")
+    if len(archs) > 1 and args.family:
+        raise EnsemblerError(f"--family names one family; with several --arch ({args.arch}) leave it out: each "
+                             f"family is named <arch>-<head>")
+    return [config_from_args(args, arch) for arch in archs]
+
+
+def config_from_args(args, arch: str | None = None):
+    """The TrainConfig the parsed flags describe (for ``arch``, default ``--arch``)."""
     from ..train.config import TrainConfig
 
     return TrainConfig(
-        arch=args.arch, k=args.k, folds=parse_int_list(args.folds, "--folds"), family=args.family,
+        arch=arch or args.arch, k=args.k, folds=parse_int_list(args.folds, "--folds"), family=args.family,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, scheduler=args.scheduler, warmup_epochs=args.warmup_epochs,
         img_size=args.img_size, head=args.head, loss=args.loss, loss_weights=args.loss_weights,
@@ -124,16 +145,19 @@ def _train_folds(args) -> int:
 
     from ..data import load_source_from_args
     from ..registry import Registry
-    from ..train import train_folds
+    from ..train import train_families
 
-    config = config_from_args(args)  # bad flags fail before the data is read
+    configs = configs_from_args(args)  # bad flags fail before the data is read
+    executor = executor_from_args(args, unit="fold")
     table = load_source_from_args(args)
     registry = Registry(args.registry)
     t0 = time.perf_counter()
     with printed_warnings():
-        result = train_folds(table, config, registry, progress=args.progress, resume=args.resume,
-                             console=err_console())
-    _print_result(result, time.perf_counter() - t0)
+        results = train_families(table, configs, registry, progress=args.progress, resume=args.resume,
+                                 console=err_console(), executor=executor)
+    seconds = time.perf_counter() - t0
+    for result in results:
+        _print_result(result, seconds)
     return 0
 
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .._io import write_json_atomic
-from ..errors import EnsemblerError, RegistryError
+from .._io import sha256_file, write_json_atomic
+from ..errors import EnsemblerError, IntegrityError, RegistryError
 from ..labels import LabelSpace
 from ..logits import sidecar_path
 from ..names import member_names
@@ -273,6 +273,60 @@ class Registry:
                 raw.append(entry.to_dict())
             self._write_raw(raw)
             if old is not None and old.get("weights") and old.get("weights") != rel:
+                self._delete_unreferenced(old["weights"], raw)
+        return entry
+
+    def stage(self, model_or_state_dict, *, family: str, fold: int | None, arch: str, head: str,
+              label_space, preprocess=None, metrics: dict | None = None, target: str | None = None,
+              train_config: dict | None = None, entry_id: str | None = None) -> Entry:
+        """Write the weights where :meth:`add` would, and return their entry *without* recording it.
+
+        A worker (another process or machine that sees the registry folder) trains and calls
+        this; the driver alone changes the index, with :meth:`record`. Until then the file is
+        an orphan: no reader sees it. Arguments as :meth:`add`.
+        """
+        entry, state = new_entry(
+            model_or_state_dict, family=family, fold=fold, arch=arch, head=head, label_space=label_space,
+            preprocess=preprocess, metrics=metrics, target=target, train_config=train_config, entry_id=entry_id)
+        rel = weights_rel(family, fold, entry.id, self._read_raw())
+        entry.weights = rel
+        entry.sha256 = write_weights(self.root / rel, state, entry)
+        return entry
+
+    def record(self, entry: Entry, *, overwrite: bool = False) -> Entry:
+        """Add an entry whose weights :meth:`stage` wrote, after checking the file's sha256.
+
+        Raises
+        ------
+        IntegrityError
+            The weights file is missing or differs from the staged one (named).
+        RegistryError
+            An entry with that id exists and ``overwrite`` is False.
+        """
+        path = self.root / entry.weights
+        if not entry.weights or not path.resolve().is_relative_to(self.root.resolve()):
+            raise RegistryError(f"entry {entry.id!r}: weights path {entry.weights!r} is outside the registry {self.root}")
+        with self._locked():
+            if not path.is_file():
+                raise IntegrityError(f"weights file of {entry.id!r} is missing: {path}")
+            digest = sha256_file(path)
+            if digest != entry.sha256:
+                raise IntegrityError(f"weights file {path} of {entry.id!r} changed after it was written: "
+                                     f"sha256 {digest} != {entry.sha256}")
+            raw = self._read_raw()
+            old = next((d for d in raw if d.get("id") == entry.id), None)
+            if old is not None and not overwrite:
+                raise RegistryError(
+                    f"registry {self.root} already has an entry {entry.id!r}; pass overwrite=True "
+                    f"(or remove it first) to replace it")
+            if old is not None:
+                kept = {k: v for k, v in old.items() if k not in entry.to_dict()}
+                entry.extra = {**kept, **entry.extra}
+                raw = [entry.to_dict() if d.get("id") == entry.id else d for d in raw]
+            else:
+                raw.append(entry.to_dict())
+            self._write_raw(raw)
+            if old is not None and old.get("weights") and old.get("weights") != entry.weights:
                 self._delete_unreferenced(old["weights"], raw)
         return entry
 

@@ -4,7 +4,8 @@ Modules, one job each: :mod:`.config` (TrainConfig), :mod:`.losses` (CE, focal, 
 smoothing, soft macro-F1, mixes), :mod:`.loop` (one fold's epochs on any module),
 :mod:`.state` (the resume state file), :mod:`.optim` (optimiser, LR schedule),
 :mod:`.datasets` (datasets, augmentation), :mod:`.fold_runner` (one fold end to end),
-:mod:`.folds` (the family: folds, registry, OOF), :mod:`.curves` (metrics.csv, PNG),
+:mod:`.folds` (a family's files: naming, run.json, OOF), :mod:`.families` (the driver: folds of
+one or several families as tasks of an executor, registered as they finish), :mod:`.curves` (metrics.csv, PNG),
 :mod:`.progress` (rich progress).
 
 Importing this package imports torch.
@@ -12,7 +13,9 @@ Importing this package imports torch.
 
 from .config import TrainConfig
 from .curves import plot_learning_curves, write_metrics_csv
-from .folds import FamilyResult, FoldSummary, assemble_oof, train_folds, training_targets
+from .families import train_families, train_folds
+from .fold_runner import FoldSummary
+from .folds import FamilyResult, assemble_oof, training_targets
 from .loop import Callbacks, EpochRecord, FoldOutcome, LoopSettings, run_fold
 from .losses import TrainLoss, focal_loss, label_smoothing_loss, soft_f1_loss
 
@@ -31,6 +34,7 @@ __all__ = [
     "plot_learning_curves",
     "run_fold",
     "soft_f1_loss",
+    "train_families",
     "train_folds",
     "training_targets",
     "write_metrics_csv",

@@ -6,8 +6,11 @@ Kept apart from :mod:`.loop` (which trains any module on any loaders) and :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +66,6 @@ class FoldSummary:
     train_index: np.ndarray  # row positions (in the split table) the fold trained on
     val_index: np.ndarray    # row positions it validated on (its OOF rows)
     skipped: bool = False    # finished by an earlier run (resume)
-
 
 
 class FoldRunner:
@@ -126,25 +128,57 @@ class FoldRunner:
             self._prepared[fold] = self._seeded_model(fold)
             return
 
+    def check_fresh(self, folds) -> None:
+        """A fresh run never silently continues (or overwrites) someone's interrupted fold: fail
+        before anything trains when one of ``folds`` has a resume state and ``resume`` is off."""
+        if self.resume:
+            return
+        for fold in folds:
+            state_path = self.fam_dir / f"fold{fold}" / STATE_NAME
+            if state_path.exists():
+                raise EnsemblerError(f"{state_path} exists from an interrupted run: pass --resume to continue it")
+
     # ------------------------------------------------------------------ one fold
-    def run(self, fold: int, callbacks: Callbacks | None = None) -> FoldSummary:
-        cfg = self.config
+    def run(self, fold: int, callbacks: Callbacks | None = None):
+        """Train (or, resuming, skip a finished) fold in this process and register it."""
+        summary = self.finished_summary(fold, callbacks) if self.resume else None
+        if summary is not None:
+            return summary
+        self.check_fresh([fold])
+        return self.register(self.train(fold, callbacks))
+
+    def finished_summary(self, fold: int, callbacks: Callbacks | None = None):
+        """The FoldSummary of a fold an earlier run finished (registered, logits on disk), else None."""
+        entry = self._finished_entry(fold)
+        if entry is None:
+            return None
+        fold_dir = self.fam_dir / f"fold{fold}"
+        hist = json.loads((fold_dir / "history.json").read_text()) if (fold_dir / "history.json").is_file() else {}
+        m = entry.metrics or {}
+        if callbacks is not None and hasattr(callbacks, "note"):
+            callbacks.note(f"fold {fold}: finished earlier ({entry.id}), skipped")
+        train_idx, val_idx = self.fold_rows(fold)
+        return FoldSummary(fold, entry.id, int(m.get("best_epoch", 0)), float(m.get("val_f1", np.nan)),
+                           float(m.get("val_acc", np.nan)), float(m.get("val_loss", np.nan)),
+                           len(hist.get("history", [])), bool(hist.get("stopped_early", False)),
+                           train_idx, val_idx, skipped=True)
+
+    def fold_rows(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         folds = self.split.folds
-        train_idx = np.flatnonzero(folds != fold)
-        val_idx = np.flatnonzero(folds == fold)
+        return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+
+    def train(self, fold: int, callbacks: Callbacks | None = None) -> "TrainedFold":
+        """Train one fold and write its files: validation logits, staged weights, history.
+
+        The one fold function of every executor (locally or on a Ray worker). It continues
+        from the fold's ``state.pt`` when one is there (an earlier attempt of this run, or an
+        interrupted run being resumed: :meth:`check_fresh` refused any other), and it does not
+        touch the registry index: :meth:`register` records the result on the driver.
+        """
+        cfg = self.config
+        train_idx, val_idx = self.fold_rows(fold)
         fold_dir = self.fam_dir / f"fold{fold}"
         state_path = fold_dir / STATE_NAME
-
-        entry = self._finished_entry(fold) if self.resume else None
-        if entry is not None:
-            hist = json.loads((fold_dir / "history.json").read_text()) if (fold_dir / "history.json").is_file() else {}
-            m = entry.metrics or {}
-            if callbacks is not None and hasattr(callbacks, "note"):
-                callbacks.note(f"fold {fold}: finished earlier ({entry.id}), skipped")
-            return FoldSummary(fold, entry.id, int(m.get("best_epoch", 0)), float(m.get("val_f1", np.nan)),
-                               float(m.get("val_acc", np.nan)), float(m.get("val_loss", np.nan)),
-                               len(hist.get("history", [])), bool(hist.get("stopped_early", False)),
-                               train_idx, val_idx, skipped=True)
 
         model = self._prepared.pop(fold, None)
         if model is None:
@@ -179,24 +213,26 @@ class FoldRunner:
         settings = LoopSettings(
             epochs=cfg.epochs, num_classes=space.num_classes, monitor=cfg.monitor, patience=cfg.patience,
             amp_dtype=self.amp_dtype, channels_last=cfg.channels_last, loader_seed=self.fold_seed(fold) * 10007,
-            state_path=state_path, resume=self.resume, fold=int(fold), config=cfg.to_dict(),
+            state_path=state_path, resume=True, fold=int(fold), config=cfg.to_dict(),
         )
-        if state_path.exists() and not self.resume:
-            # A fresh run never silently continues (or overwrites) someone's interrupted fold.
-            raise EnsemblerError(f"{state_path} exists from an interrupted run: pass --resume to continue it")
         try:
-            outcome = run_fold(
-                model, train_loader, val_loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, settings=settings, device=self.device, normalize=self.preprocess.normalize,
-                to_logits=lambda out: joint_logits(out, head, space), train_generator=generator,
-                callbacks=callbacks,
-            )
+            with deterministic_mode(cfg.deterministic):
+                outcome = run_fold(
+                    model, train_loader, val_loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, settings=settings, device=self.device, normalize=self.preprocess.normalize,
+                    to_logits=lambda out: joint_logits(out, head, space), train_generator=generator,
+                    callbacks=callbacks,
+                )
         except DataError as exc:
-            raise DataError(f"fold {fold}: {_worker_message(exc)}") from None
+            raise DataError(f"{self.family} fold {fold}: {_worker_message(exc)}") from None
+        except EnsemblerError as exc:
+            exc.args = (f"{self.family} fold {fold}: {exc}",)  # same type, the fold named
+            raise
         best = outcome.best_record
 
-        # Order matters for crash safety: logits first, then the registry entry (what marks
-        # the fold finished), then the history, then the resume state goes.
+        # Crash safety: logits, weights and history are written here, then the driver records
+        # the entry (what marks the fold finished) and deletes the resume state; a crash in
+        # between leaves files no reader sees and a state that finishes at once on resume.
         write_logits(fold_dir / "val_logits.npz", Logits(
             self.split.ids[val_idx], outcome.best_val_logits, label_space=self.label_space,
             labels=self.targets[val_idx], name=f"{self.family}-fold{fold}",
@@ -206,20 +242,63 @@ class FoldRunner:
         metrics = {"val_f1": best.val_f1, "val_acc": best.val_acc, "val_loss": best.val_loss,
                    "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
                    "monitor": cfg.monitor, "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx))}
-        entry = self.registry.add(
+        entry = self.registry.stage(
             outcome.best_weights, family=self.family, fold=int(fold), arch=cfg.arch, head=cfg.head,
             label_space=self.label_space, preprocess=self.preprocess, metrics=metrics, target=cfg.target,
-            train_config=cfg.to_dict(), overwrite=self.resume,
+            train_config=cfg.to_dict(),
         )
         write_json_atomic(fold_dir / "history.json", {
             "fold": int(fold), "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early,
             "history": [r.to_dict() for r in outcome.history],
         })
+        record = entry.to_dict()
+        # Where it trained (provenance; on Ray, CUDA_VISIBLE_DEVICES is the GPUs Ray gave the task).
+        record["trained_on"] = {"host": socket.gethostname(), "device": str(self.device),
+                                "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        return TrainedFold(int(fold), record, int(outcome.best_epoch), float(best.val_f1),
+                           float(best.val_acc), float(best.val_loss), len(outcome.history),
+                           bool(outcome.stopped_early), int(outcome.resumed_at))
+
+    def register(self, trained: "TrainedFold"):
+        """Record a trained fold in the registry (under its lock) and drop its resume state; on the driver."""
+        from ..registry import Entry
+        entry = self.registry.record(Entry.from_dict(trained.entry), overwrite=self.resume)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state_path.unlink(missing_ok=True)
-        return FoldSummary(fold, entry.id, outcome.best_epoch, best.val_f1, best.val_acc, best.val_loss,
-                           len(outcome.history), outcome.stopped_early, train_idx, val_idx)
+            (self.fam_dir / f"fold{trained.fold}" / STATE_NAME).unlink(missing_ok=True)
+        train_idx, val_idx = self.fold_rows(trained.fold)
+        return FoldSummary(trained.fold, entry.id, trained.best_epoch, trained.val_f1, trained.val_acc,
+                           trained.val_loss, trained.epochs_run, trained.stopped_early, train_idx, val_idx)
+
+
+@dataclass
+class TrainedFold:
+    """What :meth:`FoldRunner.train` sends back to the driver: numbers and the staged entry, no tensors."""
+
+    fold: int
+    entry: dict              # the registry entry to record (weights written, sha256 set)
+    best_epoch: int
+    val_f1: float
+    val_acc: float
+    val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    resumed_at: int = 0      # epochs an earlier attempt had finished
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """Deterministic algorithms (and no cuDNN autotuning) for the block, restored after it."""
+    previous_det = torch.are_deterministic_algorithms_enabled()
+    previous_bench = torch.backends.cudnn.benchmark
+    try:
+        if on:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous_det)
+        torch.backends.cudnn.benchmark = previous_bench
 
 
 def _worker_message(exc: Exception) -> str:
@@ -230,3 +309,81 @@ def _worker_message(exc: Exception) -> str:
         return text
     last = [line for line in text.strip().splitlines() if line.strip()][-1]
     return last.split(": ", 1)[1] if last.startswith("ensembler.errors.") and ": " in last else last
+
+
+# ---------------------------------------------------------------------------- the fold job
+@dataclass
+class FoldJob:
+    """Everything a worker needs to train folds of one family (picklable; shared once per family)."""
+
+    split: object            # the split SampleTable
+    targets: np.ndarray
+    label_space: LabelSpace
+    config: TrainConfig
+    registry_root: str
+    family: str
+    resume: bool = False
+
+    def __post_init__(self):
+        self._runner = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_runner"] = None  # a built runner (and its prepared model) stays in its process
+        return state
+
+    def runner(self) -> FoldRunner:
+        """This process's FoldRunner of the family (built once)."""
+        if self._runner is None:
+            from ..registry import Registry
+
+            self._runner = FoldRunner(split=self.split, targets=self.targets, label_space=self.label_space,
+                                      config=self.config, registry=Registry(self.registry_root), family=self.family,
+                                      resume=self.resume)
+        return self._runner
+
+
+def train_fold_job(job: FoldJob, fold: int, *, report=None) -> TrainedFold:
+    """The task every executor runs for one fold: :meth:`FoldRunner.train`, its progress sent
+    as events through ``report`` (see :class:`EventCallbacks`)."""
+    root = Path(job.registry_root)
+    if not root.is_dir():
+        raise EnsemblerError(f"the registry folder {root} is not visible on {socket.gethostname()}: every "
+                             f"worker must see it at the same path (a shared filesystem)")
+    return job.runner().train(fold, callbacks=EventCallbacks(report) if report is not None else None)
+
+
+class EventCallbacks(Callbacks):
+    """Loop callbacks turned into small progress events (dicts) for the driver's display;
+    batch events at most every ``interval`` seconds."""
+
+    def __init__(self, report, interval: float = 1.0):
+        self.report, self.interval = report, interval
+        self._last = 0.0
+
+    def _batch(self, event: dict) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.report(event)
+
+    def on_epoch_start(self, epoch, epochs, train_batches, val_batches) -> None:
+        self._last = 0.0
+        self.report({"kind": "epoch_start", "epoch": epoch, "epochs": epochs, "train_batches": train_batches,
+                     "val_batches": val_batches})
+
+    def on_train_batch(self, batch, running_loss) -> None:
+        self._batch({"kind": "batch", "phase": "train", "batch": batch, "loss": float(running_loss)})
+
+    def on_val_batch(self, batch) -> None:
+        self._batch({"kind": "batch", "phase": "val", "batch": batch})
+
+    def on_epoch_end(self, record, is_best) -> None:
+        self.report({"kind": "epoch", "record": record.to_dict(), "is_best": bool(is_best)})
+
+    def on_state_saved(self, path, epoch, history, best_epoch) -> None:
+        self.report({"kind": "saved", "epoch": epoch, "history": [r.to_dict() for r in history],
+                     "best_epoch": int(best_epoch)})
+
+    def note(self, text: str) -> None:
+        self.report({"kind": "note", "text": text})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,7 @@ from ..logits import Logits, read_logits, write_logits
 from ..metrics import accuracy, macro_f1
 from .config import RESUME_FREE_KEYS, TrainConfig
 from .curves import plot_learning_curves, write_metrics_csv
-from .fold_runner import FoldRunner, FoldSummary
-from .loop import Callbacks
+from .fold_runner import FoldSummary
 
 
 @dataclass
@@ -132,7 +130,7 @@ def _split_digest(table) -> str:
     return sha256_bytes(rows.encode("utf-8"))
 
 
-def _check_or_write_run(path: Path, config: TrainConfig, table, label_space: LabelSpace, resume: bool) -> None:
+def check_or_write_run(path: Path, config: TrainConfig, table, label_space: LabelSpace, resume: bool) -> None:
     record = {
         "config": config.to_dict(),
         "label_space": label_space.to_dict(),
@@ -155,72 +153,8 @@ def _check_or_write_run(path: Path, config: TrainConfig, table, label_space: Lab
     write_json_atomic(path, record)
 
 
-# ---------------------------------------------------------------------------- main entry
-def train_folds(table, config: TrainConfig, registry, progress: bool = True, *, resume: bool = False,
-                console=None) -> FamilyResult:
-    """Train ``config.arch`` on the folds of ``table``; register each fold; write OOF logits.
-
-    Parameters
-    ----------
-    table : SampleTable
-        Labeled training data. It is split with ``split_folds(table, config.k, config.seed)``
-        (person-grouped, stratified); an existing ``fold`` column is replaced.
-    config : TrainConfig
-    registry : Registry
-    progress : bool
-        Show a rich progress bar and per-epoch lines (``False`` in tests and scripts).
-    resume : bool
-        Continue the family's interrupted run: finished folds are skipped, an unfinished fold
-        continues from its last saved epoch.
-    console : rich Console, optional
-        Where progress goes (default stderr).
-
-    Returns
-    -------
-    FamilyResult
-
-    Examples
-    --------
-    >>> from ensembler.data import load_source
-    >>> from ensembler.registry import Registry
-    >>> table = load_source("digits")  # doctest: +SKIP
-    >>> cfg = TrainConfig(arch="resnet18", k=5, epochs=5, img_size=32, pretrained=False)
-    >>> result = train_folds(table, cfg, Registry("checkpoints"))  # doctest: +SKIP
-    >>> result.oof_f1  # doctest: +SKIP
-    """
-    from ..data import split_folds
-
-    config.validate()
-    label_space, targets = training_targets(table, config.target)
-    from ..models import check_arch, head_num_outputs
-
-    check_arch(config.arch)
-    head_num_outputs(label_space, config.head)  # a factored head on a flat space fails here, named
-    split = split_folds(table, config.k, config.seed)
-    family = resolve_family(registry, config, resume)
-    fam_dir = Path(registry.family_dir(family))
-    run_fold_ids = config.folds if config.folds is not None else list(range(config.k))
-    runner = FoldRunner(split=split, targets=targets, label_space=label_space, config=config,
-                        registry=registry, family=family, resume=resume)
-    runner.prepare(run_fold_ids)  # pretrained weights missing -> clean error, nothing written yet
-    fresh = not fam_dir.exists()
-    with _family_lock(fam_dir, family):
-        if not resume and (fam_dir / "run.json").is_file():  # another process started it meanwhile
-            raise EnsemblerError(f"family {family!r} already exists in the registry: pass --resume to continue "
-                                 "it, or choose another --family")
-        try:
-            return _train_family(split, targets, label_space, config, registry, family, fam_dir, run_fold_ids,
-                                 runner, progress, resume, console)
-        except EnsemblerError as exc:
-            if fresh and not resume and _nothing_to_resume(registry, family, fam_dir):
-                # A fresh run that failed before any fold finished or saved a resumable epoch (a full
-                # disk, a diverged loss) leaves nothing behind: no run.json blocking the same command.
-                shutil.rmtree(fam_dir, ignore_errors=True)
-                exc.args = (f"{exc} (nothing of family {family!r} was kept)", *exc.args[1:])
-            raise
-
-
-def _family_lock(fam_dir: Path, family: str):
+# ---------------------------------------------------------------------------- one trainer per family
+def family_lock(fam_dir: Path, family: str):
     """Held while a family trains: a second ``train-folds`` (or ``--resume``) of the same family
     is refused at once instead of training the same fold twice."""
     from filelock import FileLock, Timeout
@@ -251,99 +185,14 @@ class _Release:
         self.lock.release()
 
 
-def _nothing_to_resume(registry, family: str, fam_dir: Path) -> bool:
+def nothing_to_resume(registry, family: str, fam_dir: Path) -> bool:
     """No registered fold and no saved epoch (``state.pt``): a failed run that can only restart."""
     from .state import STATE_NAME
 
-    return not _family_entries(registry, family) and not any(fam_dir.glob(f"fold*/{STATE_NAME}"))
+    return not family_entries(registry, family) and not any(fam_dir.glob(f"fold*/{STATE_NAME}"))
 
 
-def _train_family(split, targets, label_space, config, registry, family, fam_dir, run_fold_ids, runner, progress,
-                  resume, console) -> FamilyResult:
-    import torch
-    from rich.markup import escape
-
-    _check_or_write_run(fam_dir / "run.json", config, split, label_space, resume)
-    reporter = None
-    if progress:
-        from .progress import RichProgress
-
-        reporter = RichProgress(console=console, total_folds=len(run_fold_ids))
-    previous_det = torch.are_deterministic_algorithms_enabled()
-    previous_bench = torch.backends.cudnn.benchmark
-    summaries: list[FoldSummary] = []
-    try:
-        if config.deterministic:
-            # Only for this run; restored below (no global flags at import or after return).
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        if reporter is not None:
-            reporter.__enter__()
-            reporter.note(f"[bold]train-folds {family}[/]: {escape(config.describe(runner.augment))}")
-            for note in runner.notes:
-                reporter.note(f"[yellow]note:[/] {note}")
-        callbacks = _CurvesEveryEpoch(fam_dir, config, reporter)
-        for number, fold in enumerate(run_fold_ids, 1):
-            if reporter is not None:
-                reporter.set_fold(fold, number)
-            summaries.append(runner.run(fold, callbacks=callbacks))
-            _write_curves(fam_dir, config)
-    finally:
-        if reporter is not None:
-            reporter.__exit__(None, None, None)
-        torch.use_deterministic_algorithms(previous_det)
-        torch.backends.cudnn.benchmark = previous_bench
-
-    oof = assemble_oof(split, targets, label_space, fam_dir, config.k, family=family)
-    for entry in _family_entries(registry, family):
-        registry.update(entry.id, oof=f"{family}/oof.npz")
-    metrics_csv, curves_png = _write_curves(fam_dir, config)
-    notes = list(runner.notes)
-    if not oof["complete"]:
-        notes.append(
-            f"OOF is partial: folds {oof['folds']} of {config.k} are trained, covering {oof['rows']} of "
-            f"{len(split)} training rows; train the rest with --folds and --resume --family {family}"
-        )
-    return FamilyResult(
-        family=family, folds=summaries, oof_path=fam_dir / "oof.npz", oof_f1=oof["f1"], oof_acc=oof["acc"],
-        oof_complete=oof["complete"], oof_rows=oof["rows"], total_rows=len(split), metrics_csv=metrics_csv,
-        curves_png=curves_png, table=split, label_space=label_space, config=config, notes=notes,
-    )
-
-
-class _CurvesEveryEpoch(Callbacks):
-    """Forwards to the progress reporter and rewrites metrics.csv + the PNG after every
-    epoch, so a long run's curves can be watched while it trains."""
-
-    def __init__(self, fam_dir: Path, config: TrainConfig, reporter: Callbacks | None):
-        self.fam_dir, self.config, self.reporter = fam_dir, config, reporter
-
-    def on_epoch_start(self, *args) -> None:
-        if self.reporter is not None:
-            self.reporter.on_epoch_start(*args)
-
-    def on_train_batch(self, *args) -> None:
-        if self.reporter is not None:
-            self.reporter.on_train_batch(*args)
-
-    def on_val_batch(self, *args) -> None:
-        if self.reporter is not None:
-            self.reporter.on_val_batch(*args)
-
-    def on_epoch_end(self, *args) -> None:
-        if self.reporter is not None:
-            self.reporter.on_epoch_end(*args)
-
-    def on_state_saved(self, path, epoch, history, best_epoch) -> None:
-        fold = int(path.parent.name[len("fold"):])
-        _write_curves(self.fam_dir, self.config, current=(fold, [r.to_dict() for r in history], best_epoch))
-
-    def note(self, text: str) -> None:
-        if self.reporter is not None:
-            self.reporter.note(text)
-
-
-def _family_entries(registry, family: str) -> list:
+def family_entries(registry, family: str) -> list:
     try:
         return list(registry.family(family))
     except Exception:  # noqa: BLE001 - unknown family
@@ -370,11 +219,10 @@ def load_histories(fam_dir: Path) -> tuple[dict[int, list[dict]], dict[int, int]
     return histories, best
 
 
-def _write_curves(fam_dir: Path, config: TrainConfig, current=None) -> tuple[Path, Path]:
-    """Rewrite metrics.csv and the PNG; ``current`` = (fold, history, best_epoch) of the fold in training."""
+def write_curves(fam_dir: Path, config: TrainConfig, current: dict | None = None) -> tuple[Path, Path]:
+    """Rewrite metrics.csv and the PNG; ``current`` = {fold: (history, best_epoch)} of folds in training."""
     histories, best = load_histories(fam_dir)
-    if current is not None:
-        fold, history, best_epoch = current
+    for fold, (history, best_epoch) in (current or {}).items():
         histories[fold], best[fold] = history, best_epoch
     csv = write_metrics_csv(fam_dir / "metrics.csv", histories)
     png = plot_learning_curves(fam_dir / "learning_curves.png", histories, best, monitor=config.monitor,
