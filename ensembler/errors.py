@@ -24,6 +24,9 @@ class ImageDecodeError(DataError):
         self.reason = reason
         super().__init__(f"cannot decode image {self.path}: {reason}")
 
+    def __reduce__(self):  # pickled back whole (a worker process or a Ray task raised it)
+        return type(self), (self.path, self.reason)
+
 
 class RegistryError(EnsemblerError):
     """The checkpoint registry was asked for something it does not hold or cannot accept."""

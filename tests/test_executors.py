@@ -117,3 +117,13 @@ def test_cli_several_archs(capsys, archs, extra, message):
     rc = main(["train-folds", "--data", "digits", "--arch", archs, *extra])
     assert rc == 2 and message in capsys.readouterr().err
 
+
+
+def test_image_decode_error_survives_pickling():
+    """A worker process (a DataLoader worker, a Ray task) sends it back whole, its file named."""
+    import pickle
+
+    from ensembler.errors import ImageDecodeError
+
+    err = pickle.loads(pickle.dumps(ImageDecodeError("/x/y.png", "truncated")))
+    assert (err.path, err.reason, str(err)) == ("/x/y.png", "truncated", "cannot decode image /x/y.png: truncated")

@@ -160,11 +160,12 @@ class RayExecutor(Executor):
         if not tasks:
             return
         sink = ray.remote(num_cpus=0)(EventSink).remote()
-        remote = ray.remote(remote_call)
+        # max_calls=1: the worker process exits after its fold, so its GPU memory is released.
+        remote = ray.remote(max_calls=1)(remote_call)
         refs: dict[Any, Task] = {}
         try:
             for i, task in enumerate(tasks):
-                opts = dict(num_cpus=self.cpus, num_gpus=self.gpus, max_calls=1, max_retries=self.max_retries,
+                opts = dict(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries,
                             retry_exceptions=False, name=task.key.replace(" ", "_"))
                 refs[remote.options(**opts).remote(task.fn, *task.args, report=SinkReport(sink, i))] = task
             pending = list(refs)
