@@ -42,6 +42,7 @@ BACKENDS = ("torch", "onnx")
 PREDICT_BACKENDS = BACKENDS + ("onnx-ensemble",)
 #: ``export-ensemble --inputs``: one uint8 input, or one per member geometry (ensembler.export)
 EXPORT_INPUTS = ("one", "per-geometry")
+EXECUTORS = ("local", "ray")                             # where folds and inference shards run
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 MERGE_RULE_NAMES = ("mean-logits", "mean-probs", "gmean-probs", "max-probs")
 #: TTA plan tokens (``ensembler.infer.views``); ``=S`` takes a size, ``scales=`` factors.

@@ -140,7 +140,9 @@ def env_flag(name: str) -> bool:
 
 def add_executor_args(p, unit: str = "fold") -> None:
     """``--executor local|ray`` and the Ray flags; ``unit`` names the work (``fold``, ``worker``)."""
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
+    from ..names import EXECUTORS
+
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help=f"where each {unit} runs: local (this process, default) or ray (a Ray cluster)")
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="the Ray cluster: auto (the one `ray start --head` runs here), HOST:PORT of its head "

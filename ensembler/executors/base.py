@@ -20,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..names import EXECUTORS
 
-EXECUTORS = ("local", "ray")
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "Task", "no_report"]
 
 
 @dataclass

@@ -56,7 +56,7 @@ class FoldBoard:
 
     # ------------------------------------------------------------------ events
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)
 
     def started(self, key: str, where: str = "") -> None:
         row = self.rows[key]
