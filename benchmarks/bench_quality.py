@@ -2,6 +2,7 @@
 
     python benchmarks/bench_quality.py            # faces-utk + digits, resnet18 + efficientnet_b0
     python benchmarks/bench_quality.py --quick    # a third of the images, 2 epochs (a smoke run)
+    python benchmarks/bench_quality.py --pretrained   # the fine-tune regime (needs ImageNet weights)
 
 For every data set, one seeded, person-grouped, class-stratified 20% of the groups is held
 out (``split_folds(table, k=5, seed)``, fold 0), and the other 80% is split into the same
@@ -50,7 +51,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # ---------------------------------------------------------------------------- (a) the plain loop
 def plain_loop(train, test, arch: str, *, epochs: int, img: int, seed: int, flip: bool, workers: int,
-               log=print) -> dict:
+               pretrained: bool = False, log=print) -> dict:
     """The reference: one timm model per fold, Adam 1e-3, resize + flip, CE, last epoch."""
     import timm
     import torch
@@ -87,7 +88,7 @@ def plain_loop(train, test, arch: str, *, epochs: int, img: int, seed: int, flip
     t0 = time.perf_counter()
     for fold in np.unique(folds):
         torch.manual_seed(seed * 1000 + int(fold))
-        model = timm.create_model(arch, pretrained=False, num_classes=c)
+        model = timm.create_model(arch, pretrained=pretrained, num_classes=c)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         tr = folds != fold
         loader = torch.utils.data.DataLoader(Images(paths[tr], y[tr], train_tf), batch_size=32, shuffle=True,
@@ -106,7 +107,7 @@ def plain_loop(train, test, arch: str, *, epochs: int, img: int, seed: int, flip
 
 # ---------------------------------------------------------------------------- (b) + (c) ensembler
 def ensembler_paths(train, test, archs, *, k: int, epochs: int, img: int, seed: int, registry_dir: Path,
-                    overrides: dict, log=print) -> dict:
+                    overrides: dict, pretrained: bool = False, log=print) -> dict:
     from ensembler.ensemble import load_members, tune_weights
     from ensembler.infer import predict_members
     from ensembler.predict import predict
@@ -116,7 +117,7 @@ def ensembler_paths(train, test, archs, *, k: int, epochs: int, img: int, seed: 
     registry = Registry(registry_dir)
     out = {"members": {}}
     for arch in archs:
-        cfg = TrainConfig(arch=arch, k=k, epochs=epochs, img_size=img, pretrained=False, seed=seed, **overrides)
+        cfg = TrainConfig(arch=arch, k=k, epochs=epochs, img_size=img, pretrained=pretrained, seed=seed, **overrides)
         log(f"  train-folds {arch} ({json.dumps(overrides) if overrides else 'defaults'})")
         t0 = time.perf_counter()
         fam = train_folds(train, cfg, registry, progress=False)
@@ -164,11 +165,12 @@ def run_dataset(name: str, table, args, overrides: dict, log=print) -> dict:
         for arch in args.archs:
             log(f"  plain loop {arch}")
             p = plain_loop(split, test, arch, epochs=args.epochs, img=args.img_size, seed=args.seed,
-                           flip=name != "digits", workers=args.workers, log=log if args.verbose else (lambda m: None))
+                           flip=name != "digits", workers=args.workers, pretrained=args.pretrained, log=log if args.verbose else (lambda m: None))
             plain[arch] = p
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         ens = ensembler_paths(train, test, args.archs, k=args.k, epochs=args.epochs, img=args.img_size,
-                              seed=args.seed, registry_dir=Path(tmp) / "checkpoints", overrides=overrides, log=log)
+                              seed=args.seed, registry_dir=Path(tmp) / "checkpoints", overrides=overrides,
+                              pretrained=args.pretrained, log=log)
     for arch in args.archs:
         m = ens["members"][arch]
         row = {"trainer_oof": m["oof_f1"], "trainer_holdout": f1(y_te, m["holdout_logits"]),
@@ -235,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of both loops (default 2)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TrainConfig field of the ensembler path (experiments), e.g. --set lr=1e-3")
+    ap.add_argument("--pretrained", action="store_true",
+                    help="both loops start from ImageNet weights (the fine-tune regime; needs hub access)")
     ap.add_argument("--skip-plain", action="store_true", help="ensembler paths only (experiments)")
     ap.add_argument("--json", default=None, metavar="FILE", help="write every number here")
     ap.add_argument("--verbose", action="store_true")
@@ -251,6 +255,15 @@ def main(argv=None) -> int:
             overrides[key] = value
     from ensembler.data import load_source
 
+    if args.pretrained:  # fail before any training when the weights cannot be had
+        import timm
+
+        for arch in args.archs:
+            try:
+                timm.create_model(arch, pretrained=True)
+            except Exception as exc:  # noqa: BLE001 - any download/cache failure
+                raise SystemExit(f"--pretrained: ImageNet weights of {arch} could not be loaded "
+                                 f"(no hub access or cache?): {exc}") from None
     results = []
     t_all = time.perf_counter()
     for name in [d for d in args.data.split(",") if d]:
@@ -274,7 +287,7 @@ def main(argv=None) -> int:
         return 1
     r = ratios(results)
     print(f"\nsettings: {args.img_size} px, {args.epochs} epochs, k={args.k}, seed {args.seed}, "
-          f"--no-pretrained; total {time.perf_counter() - t_all:.0f} s"
+          f"{'--pretrained' if args.pretrained else '--no-pretrained'}; total {time.perf_counter() - t_all:.0f} s"
           + (f"; ensembler overrides {overrides}" if overrides else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "overrides": overrides, "results": results,
