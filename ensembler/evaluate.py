@@ -27,7 +27,7 @@ from .logits import few, read_logits_set
 from .names import member_names
 from .predict import predict
 
-__all__ = ["EvaluationResult", "evaluate", "load_logits_file", "plot_confusion_matrix", "per_class_table"]
+__all__ = ["EvaluationResult", "evaluate", "load_logits_file", "logits_age_bands", "plot_confusion_matrix", "per_class_table"]
 
 
 # ============================================================================ result
@@ -40,8 +40,8 @@ class EvaluationResult:
     name : str
         What was scored (a file, a recipe, a vote over members).
     f1, acc : float
-        Macro-F1 over all classes (absent classes count as 0, as scikit-learn with
-        ``labels=range(C)``) and accuracy.
+        Macro-F1 (scikit-learn's ``f1_score(average="macro")``: over the classes present in
+        truth or prediction; ``f1_labels="all"``: every class, absent ones count 0) and accuracy.
     logloss : float or None
         When probabilities/logits were available (not for the hard vote).
     per_class : list of dict
@@ -101,6 +101,7 @@ def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: 
         count that disagrees with its label space, unknown members.
     """
     from .ensemble import vote as vote_fn
+    from .labels import age_bands_of
 
     path = Path(path)
     loaded = read_logits_set(path)  # LogitError naming the file and what is wrong
@@ -108,7 +109,8 @@ def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: 
     if len(loaded) == 1 and members in (None, "all"):
         m = loaded[names[0]]
         classes = list(m.label_space.classes) if m.label_space is not None else None
-        info = {"classes": classes, "members": {m.name: m.logits}, "tie_rate": None, "rule": None}
+        info = {"classes": classes, "members": {m.name: m.logits}, "tie_rate": None, "rule": None,
+                "age_bands": age_bands_of(m.label_space)}
         return m.ids, np.asarray(m.logits, dtype=np.float64), m.labels, info
     if members not in (None, "all"):
         want = member_names(members, all_names=lambda: list(loaded))
@@ -126,11 +128,37 @@ def load_logits_file(path, *, members: str | Sequence[str] | None = None, vote: 
     except LogitError as exc:  # the file's logits: say which file (a bad vote/weights passes as it is)
         raise LogitError(f"logits file {path}: {exc}") from None
     classes = spaces.pop()
+    bands = {age_bands_of(loaded[n].label_space) for n in names} - {None}
+    if len(bands) > 1:
+        raise LogitError(f"logits file {path}: its members were made with different age bands {sorted(bands)}")
     info = {"classes": list(classes) if classes is not None else None, "members": arrays,
-            "tie_rate": res.tie_rate if vote == "hard" else None, "rule": vote}
+            "tie_rate": res.tie_rate if vote == "hard" else None, "rule": vote,
+            "age_bands": bands.pop() if bands else None}
     with np.errstate(divide="ignore"):
         logp = np.log(res.probs)
     return ref.ids, logp, ref.labels, info
+
+
+def logits_age_bands(path) -> tuple[int, int] | None:
+    """The age bands a logits file's members were made with (None when none depends on age or they disagree)."""
+    from .labels import age_bands_of
+
+    try:
+        bands = {age_bands_of(m.label_space) for m in read_logits_set(path).values()} - {None}
+    except LogitError:
+        return None  # evaluate reports the bad file itself
+    return bands.pop() if len(bands) == 1 else None
+
+
+def _check_file_age_bands(path, file_bands, table) -> None:
+    from .labels import age_bands_of
+
+    have = age_bands_of(table.label_space)
+    if file_bands is not None and have is not None and tuple(file_bands) != have:
+        raise DataError(
+            f"{table.describe()} is labelled with age bands {have[0]},{have[1]} but logits file {path} was made "
+            f"with {file_bands[0]},{file_bands[1]}: pass --age-bands {file_bands[0]},{file_bands[1]} (or omit "
+            "--age-bands to take the file's)")
 
 
 def _align_to_table(path, ids: np.ndarray, table) -> np.ndarray:
@@ -209,7 +237,7 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
              tta: str | None = None, merge: str | None = None, backend: str = "torch",
              plot: str | os.PathLike | None = None, use_cache: bool = True, batch_size: int = 32,
              workers: int = 0, device: str | None = None, cache_dir=None, progress: bool = True,
-             overwrite: bool = False) -> EvaluationResult:
+             overwrite: bool = False, f1_labels="present") -> EvaluationResult:
     """Score a prediction against labels: macro-F1, accuracy, per-class table, confusion matrix.
 
     Exactly one of:
@@ -229,6 +257,8 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
         Write the confusion-matrix PNG there (after every check passed). An existing file is
         kept unless ``overwrite=True``, and a folder that cannot be written is refused, both
         before any work.
+    f1_labels : {"present", "all"} or sequence of int
+        The classes macro-F1 averages over (see :func:`ensembler.metrics.macro_f1`).
 
     Returns
     -------
@@ -252,6 +282,7 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
         ids, z, file_labels, info = load_logits_file(logits, members=members, vote=vote, weights=weights)
         classes = info["classes"]
         if table is not None:
+            _check_file_age_bands(logits, info.get("age_bands"), table)
             if table.label_space is not None and classes is not None and list(table.label_space.classes) != classes:
                 raise LogitError(f"logits file {logits}: its classes {classes[:6]}... differ from "
                                  f"{table.describe()}'s {list(table.label_space.classes)[:6]}...")
@@ -270,7 +301,7 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
         classes = classes or [str(k) for k in range(z.shape[1])]
         name = str(logits)
         if len(info["members"]) > 1:
-            member_scores = {k: classification_scores(y, v) for k, v in info["members"].items()}
+            member_scores = {k: classification_scores(y, v, f1_labels) for k, v in info["members"].items()}
         tie_rate = info["tie_rate"]
         hard = info["rule"] == "hard"
         # argmax of log-shares is the vote's own pred: the first maximum, i.e. the smallest class on ties
@@ -292,7 +323,7 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
         tie_rate = res.tie_rate
         if len(res.members) > 1:
             for s in res.members:
-                member_scores[s] = classification_scores(y, res.member_joint_logits(s))
+                member_scores[s] = classification_scores(y, res.member_joint_logits(s), f1_labels)
         name = f"recipe {recipe}" if recipe is not None else f"{res.vote} vote over {', '.join(res.members)}"
     if len(y) == 0:
         raise DataError("nothing to evaluate: no rows")
@@ -300,6 +331,6 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
     plot_path = None
     if plot is not None:
         plot_path = plot_confusion_matrix(cm, classes, plot, title=f"{Path(name).name if logits else name}"[:80])
-    return EvaluationResult(name=name, f1=macro_f1(y, pred, len(classes)), acc=accuracy(y, pred), logloss=ll,
+    return EvaluationResult(name=name, f1=macro_f1(y, pred, len(classes), f1_labels), acc=accuracy(y, pred), logloss=ll,
                             per_class=rows, confusion=cm, classes=list(classes), rows=int(len(y)), plot=plot_path,
                             member_scores=member_scores, tie_rate=tie_rate)

@@ -173,6 +173,28 @@ class LabelSpace:
         return self.classes == other.classes
 
 
+def age_bands_of(space: "LabelSpace | None") -> tuple[int, int] | None:
+    """The age thresholds a space's labels depend on, or None when they do not depend on any.
+
+    The mask space's ``meta["age_bands"]``; a per-factor model's (``--target``) only when it
+    predicts age (a mask-only or gender-only model means the same whatever the bands).
+
+    >>> age_bands_of(LabelSpace.mask((29, 58)))
+    (29, 58)
+    >>> age_bands_of(LabelSpace.mask((29, 58)).factor_space("gender")) is None
+    True
+    """
+    if space is None:
+        return None
+    meta = space.meta or {}
+    if "factor_of" in meta:
+        if "age" not in str(meta.get("factor", "")).split(","):
+            return None
+        meta = meta["factor_of"].get("meta", {})
+    bands = meta.get("age_bands")
+    return (int(bands[0]), int(bands[1])) if bands else None
+
+
 def validate_age_bands(age_bands: Sequence[int]) -> tuple[int, int]:
     bands = [int(a) for a in age_bands]
     if len(bands) != 2 or not 0 < bands[0] < bands[1]:

@@ -1,9 +1,16 @@
 """Classification metrics on integer labels and logits (numpy, no torch).
 
-Macro-F1 follows scikit-learn's ``f1_score(average="macro", labels=range(C),
-zero_division=0)`` when ``num_classes`` is given: classes with no true and no predicted
-samples count as F1 = 0. Pass ``present_only=True`` to average over classes that occur in
-``y_true`` or ``y_pred`` only (scikit-learn's default when ``labels`` is omitted).
+Macro-F1 is the metric the field scores with: scikit-learn's
+``f1_score(y_true, y_pred, average="macro", zero_division=0)``, which averages over the
+labels present in ``y_true`` **or** ``y_pred`` (a class that appears in neither does not
+count; a class predicted but never true counts as 0). ``labels="all"`` gives the fixed label
+set ``range(num_classes)`` instead (scikit-learn with ``labels=range(C)``: absent classes
+count as 0), and a sequence of class indices gives exactly that set.
+
+>>> macro_f1([0, 0, 1], [0, 0, 1], num_classes=18)              # 2 classes present
+1.0
+>>> round(macro_f1([0, 0, 1], [0, 0, 1], num_classes=18, labels="all"), 4)  # 16 absent ones count 0
+0.1111
 """
 
 from __future__ import annotations
@@ -28,19 +35,48 @@ def per_class_f1(y_true, y_pred, num_classes: int) -> np.ndarray:
         return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
 
 
-def macro_f1(y_true, y_pred, num_classes: int | None = None, present_only: bool = False) -> float:
+F1_LABEL_RULES = ("present", "all")
+
+
+def f1_label_mask(y_true, y_pred, num_classes: int, labels="present") -> np.ndarray:
+    """Boolean (C,) mask of the classes a macro average runs over (see the module docstring)."""
+    if isinstance(labels, str):
+        if labels not in F1_LABEL_RULES:
+            raise ValueError(f"labels must be one of {F1_LABEL_RULES} or a list of class indices, got {labels!r}")
+        if labels == "all":
+            return np.ones(num_classes, bool)
+        mask = np.zeros(num_classes, bool)
+        mask[np.unique(np.asarray(y_true, dtype=np.int64))] = True
+        mask[np.unique(np.asarray(y_pred, dtype=np.int64))] = True
+        return mask
+    idx = np.asarray(list(labels), dtype=np.int64)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= num_classes:
+        raise ValueError(f"labels {idx.tolist()} must be non-empty class indices in 0..{num_classes - 1}")
+    mask = np.zeros(num_classes, bool)
+    mask[idx] = True
+    return mask
+
+
+def macro_f1(y_true, y_pred, num_classes: int | None = None, labels="present") -> float:
+    """Macro-F1, scikit-learn's ``f1_score(average="macro", zero_division=0)``.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of int
+    num_classes : int, optional
+        Class count (default: the largest index seen + 1).
+    labels : {"present", "all"} or sequence of int, default "present"
+        ``"present"``: classes in ``y_true`` or ``y_pred`` (scikit-learn's default);
+        ``"all"``: every class ``0..num_classes-1`` (scikit-learn's ``labels=range(C)``);
+        a sequence: those classes.
+    """
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     if num_classes is None:
         num_classes = int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1
-        present_only = True
     f1 = per_class_f1(y_true, y_pred, num_classes)
-    if present_only:
-        present = np.zeros(num_classes, bool)
-        present[np.unique(y_true)] = True
-        present[np.unique(y_pred)] = True
-        return float(f1[present].mean()) if present.any() else 0.0
-    return float(f1.mean())
+    mask = f1_label_mask(y_true, y_pred, num_classes, labels)
+    return float(f1[mask].mean()) if mask.any() else 0.0
 
 
 def accuracy(y_true, y_pred) -> float:
@@ -99,9 +135,10 @@ def expected_calibration_error(y_true, logits: np.ndarray, n_bins: int = 15) -> 
     return float(ece)
 
 
-def classification_scores(y_true, logits: np.ndarray) -> dict[str, float]:
-    """macro-F1, accuracy and log-loss of ``logits`` (N x C) against ``y_true``."""
+def classification_scores(y_true, logits: np.ndarray, labels="present") -> dict[str, float]:
+    """macro-F1 (label rule ``labels``, see :func:`macro_f1`), accuracy and log-loss of ``logits`` (N x C)."""
     logits = np.asarray(logits)
     pred = logits.argmax(1)
     c = logits.shape[1]
-    return {"f1": macro_f1(y_true, pred, c), "acc": accuracy(y_true, pred), "logloss": log_loss(y_true, logits)}
+    return {"f1": macro_f1(y_true, pred, c, labels), "acc": accuracy(y_true, pred),
+            "logloss": log_loss(y_true, logits)}

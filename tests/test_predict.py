@@ -223,8 +223,28 @@ def test_per_factor_members_compose_into_the_joint_space(tmp_path):
     np.testing.assert_array_equal(res.pred, ref.pred)
     np.testing.assert_allclose(res.probs, ref.probs, atol=1e-9)
     assert res.label_space.classes == space.classes
-    with pytest.raises(LogitError, match="class maps differ"):
-        predict(table, reg, members="only-mask,joint", cache_dir=tmp_path / "cache", progress=False)
+    # A lone factor model beside a joint one fails before any forward, naming the composition to type.
+    calls = []
+    import ensembler.infer as infer_mod
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(infer_mod, "predict_members", lambda *a, **k: calls.append(a) or {})
+    try:
+        with pytest.raises(LogitError, match=r"per-factor models .* pass --members only-mask\+only-gender\+only-age"):
+            predict(table, reg, members="only-mask,joint", cache_dir=tmp_path / "cache", progress=False)
+        # --members all composes the three factor families, once each, and votes them with the joint family.
+        monkey.undo()
+        res_all = predict(table, reg, members="all", vote="soft", cache_dir=tmp_path / "cache", progress=False)
+    finally:
+        monkey.undo()
+    assert calls == []
+    assert sorted(res_all.members) == ["joint", "only-mask+only-gender+only-age"]
+    np.testing.assert_allclose(res_all.probs, ref.probs, atol=1e-9)
+    # A second age family: 'all' no longer covers each factor once; the message names a composition.
+    fs = space.factor_space("age")
+    reg.add(create_model("test_resnet", label_space=fs), family="only-age2", fold=None, arch="test_resnet",
+            head="flat", label_space=fs, preprocess=PRE, target="age")
+    with pytest.raises(LogitError, match=r"pass --members only-mask\+only-gender\+only-age"):
+        predict(table, reg, members="all", cache_dir=tmp_path / "cache", progress=False)
 
 
 # ---------------------------------------------------------------------------- evaluate

@@ -57,14 +57,22 @@ def register(sub) -> None:
     p.add_argument("--vote", choices=VOTE_RULES, default="soft", help="how several members are combined (default soft)")
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member")
     add_engine_args(p, recipe=True)
+    p.add_argument("--f1-labels", choices=("present", "all"), default="present",
+                   help="classes macro-F1 averages over: present = in truth or prediction (scikit-learn's "
+                        "f1_score(average='macro'), the default); all = every class, absent ones count 0")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix there (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.set_defaults(func=cmd_evaluate)
 
 
-def _load_table(args):
-    from ..data import load_source_from_args
+def _load_table(args, bands=None):
+    """The data; mask data without --age-bands is labelled with the members' age bands (``bands``)."""
+    from ..data import detect_source, load_source_from_args
 
+    if bands is not None and args.age_bands is None and (args.source or detect_source(args.data)) == "mask":
+        err_console().print(f"[dim]age bands {bands[0]},{bands[1]}: taken from the members (--age-bands to "
+                            "override)[/]", highlight=False)
+        args.age_bands = f"{bands[0]},{bands[1]}"
     return load_source_from_args(args)
 
 
@@ -81,7 +89,9 @@ def cmd_predict(args) -> int:
     if (args.backend == "onnx-ensemble") != (args.model is not None):
         raise EnsemblerError("--backend onnx-ensemble and --model ensemble.onnx go together")
     refuse_existing(args.out, overwrite=args.overwrite)  # before the data is read
-    table = _load_table(args)
+    from ..predict import member_age_bands
+
+    table = _load_table(args, member_age_bands(args.registry, args.members, args.recipe))
     if args.probs and (table.source or {}).get("info_csv"):
         err_console().print("[yellow]note:[/] --probs is ignored for mask eval data: its submission format is "
                             "info.csv with 'ans' filled")
@@ -180,7 +190,14 @@ def cmd_evaluate(args) -> int:
     weights = parse_float_list(args.weights, "--weights")
     if sum(x is not None for x in (args.logits, args.recipe)) + (args.members is not None and not args.logits) != 1:
         raise EnsemblerError("evaluate needs exactly one of --logits FILE, --recipe FILE or --members NAMES")
-    table = _load_table(args) if args.data else None
+    from ..evaluate import logits_age_bands
+    from ..predict import member_age_bands
+
+    bands = None
+    if args.data:
+        bands = (logits_age_bands(args.logits) if args.logits else
+                 member_age_bands(args.registry, args.members or "all", args.recipe))
+    table = _load_table(args, bands) if args.data else None
     if args.logits is None and table is None:
         raise EnsemblerError("--recipe/--members need labeled --data to score against")
     members = args.members
@@ -188,9 +205,11 @@ def cmd_evaluate(args) -> int:
                    weights=weights, tta=args.tta, merge=args.merge, backend=args.backend, plot=args.plot,
                    use_cache=args.use_cache, batch_size=args.batch_size,
                    workers=default_workers() if args.workers is None else args.workers, device=args.device,
-                   cache_dir=args.cache_dir, progress=True, overwrite=args.overwrite)
+                   cache_dir=args.cache_dir, progress=True, overwrite=args.overwrite, f1_labels=args.f1_labels)
     con = console()
-    con.print(f"[bold]{escape(res.name)}[/] on {res.rows} rows: macro-F1 [bold]{res.f1:.4f}[/], accuracy {res.acc:.4f}"
+    rule = "" if args.f1_labels == "present" else " (all classes)"
+    con.print(f"[bold]{escape(res.name)}[/] on {res.rows} rows: macro-F1{rule} [bold]{res.f1:.4f}[/], "
+              f"accuracy {res.acc:.4f}"
               + (f", log-loss {res.logloss:.4f}" if res.logloss is not None else ""), highlight=False)
     if res.tie_rate is not None:
         con.print(f"hard-vote ties: {res.tie_rate:.1%} of rows (broken to the smallest class index)", highlight=False)

@@ -81,6 +81,17 @@ def _fmt_size(pre: dict) -> str:
     return "x".join(str(s) for s in size) if size else "?"
 
 
+def _entry_bands(entry):
+    """Age bands an entry's classes depend on (None: not a mask model, or not one that predicts age)."""
+    from ..ensemble import entry_label_space
+    from ..labels import age_bands_of
+
+    try:
+        return age_bands_of(entry_label_space(entry))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -93,16 +104,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"registry {reg.root} ({len(entries)} checkpoints)")
     for col, just in (("id", "left"), ("family", "left"), ("fold", "right"), ("arch", "left"),
-                      ("input", "right"), ("classes", "right"), ("val macro-F1", "right"),
-                      ("sha256", "left")):
+                      ("target", "left"), ("head", "left"), ("loss", "left"), ("age bands", "left"),
+                      ("k", "right"), ("split seed", "right"), ("input", "right"), ("classes", "right"),
+                      ("val macro-F1", "right"), ("sha256", "left")):
         # Ids, archs and hashes are copied into other commands: fold them, never cut them.
         table.add_column(col, justify=just, overflow="fold")
     for e in entries:
         f1 = e.val_macro_f1
-        head = "" if e.head == "flat" else f" ({e.head})"
-        target = f" [{e.target}]" if e.target else ""
-        table.add_row(e.id, e.family, "-" if e.fold is None else str(e.fold), e.arch + head,
-                      _fmt_size(e.preprocess), f"{e.num_classes}{target}",
+        tc = e.train_config or {}
+        bands = _entry_bands(e)
+        table.add_row(e.id, e.family, "-" if e.fold is None else str(e.fold), e.arch, e.target or "all",
+                      e.head, str(tc.get("loss", "-")), "-" if bands is None else f"{bands[0]},{bands[1]}",
+                      str(tc.get("k", "-")), str(tc.get("seed", "-")), _fmt_size(e.preprocess), str(e.num_classes),
                       "-" if f1 is None else f"{f1:.4f}", e.sha256[:12])
     console().print(table)
     return 0

@@ -19,7 +19,8 @@ What ``tune-weights`` runs (members in, charts and then the recipe on disk)::
 from __future__ import annotations
 
 from .calibration import TemperatureFit, apply_temperature, calibrate, fit_temperature
-from .members import Member, align_members, compose_members, load_members, load_oof, registry_members
+from .members import (Member, align_members, check_same_split, compose_members, entry_label_space, factor_parent,
+                      load_members, load_oof, plan_compositions, registry_members)
 from .recipe import RECIPE_VERSION, Recipe, RecipeError, RecipeMember
 from .blend import (
     METHODS,
@@ -63,11 +64,14 @@ __all__ = [
     "apply_temperature",
     "calibrate",
     "caruana_select",
+    "check_same_split",
     "class_prior_nll",
     "check_weights",
     "choose",
     "compose_members",
     "default_plot_dir",
+    "entry_label_space",
+    "factor_parent",
     "fit_blend",
     "fit_stack",
     "fit_class_biases",
@@ -76,6 +80,7 @@ __all__ = [
     "load_members",
     "load_oof",
     "member_probabilities",
+    "plan_compositions",
     "no_signal_members",
     "pairwise_diversity",
     "registry_members",

@@ -60,7 +60,12 @@ def _scores_from_confusions(metric: str, cm: np.ndarray) -> np.ndarray:
     if metric == "acc":
         return tp.sum(1) / np.maximum(cm.sum((1, 2)), 1)
     denom = cm.sum(1) + cm.sum(2)
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).mean(1)
+    return _present_macro(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0), denom > 0)
+
+
+def _present_macro(f1: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Mean F1 over the classes present in truth or prediction (scikit-learn's macro rule), per row."""
+    return f1.sum(-1) / np.maximum(present.sum(-1), 1)
 
 
 def _decision_scores(metric: str, y: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -215,7 +220,9 @@ def fit_class_biases(log_probs, labels, metric: str = "f1", grid=None, sweeps: i
     Coordinate ascent from zero: for each class in turn, every bias in ``grid`` is scored at
     once (rows sorted by their margin to the best other class, counts by prefix sums), and
     the best is kept (ties keep the current value, then the smallest magnitude). Stops after
-    ``sweeps`` sweeps or a sweep that changes nothing.
+    ``sweeps`` sweeps or a sweep that changes nothing. Classes with no row in ``labels``
+    keep a zero bias (nothing to learn from). Macro-F1 is scikit-learn's: the mean over the
+    classes present in truth or prediction.
 
     Returns
     -------
@@ -248,6 +255,8 @@ def fit_class_biases(log_probs, labels, metric: str = "f1", grid=None, sweeps: i
     for _ in range(int(sweeps)):
         changed = False
         for k in range(c):
+            if true_counts[k] == 0:
+                continue  # no row of class k to learn from: its bias stays 0 (it could only buy false positives)
             a = lp + biases
             a[:, k] = -np.inf
             other = a.argmax(axis=1)
@@ -272,7 +281,7 @@ def fit_class_biases(log_probs, labels, metric: str = "f1", grid=None, sweeps: i
             tp[:, k] = true_counts[k] - k_kept
             if metric == "f1":
                 denom = pred_cnt + true_counts[None, :]
-                score = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).mean(1)
+                score = _present_macro(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0), denom > 0)
             else:
                 score = tp.sum(1) / n
             score = score[inverse]  # per grid value

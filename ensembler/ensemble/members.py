@@ -159,29 +159,9 @@ def align_members(members: Sequence[Member]) -> list[Member]:
                 f"OOF file {m.source} (member {m.name!r}): labels disagree with {ref.name!r} "
                 f"({ref.source}) on {int(bad.sum())} id(s), e.g. {few(ref.ids[bad])}"
             )
-        check_same_folds(ref, m)
+        check_same_split(ref, m)
         out.append(m)
     return out
-
-
-def check_same_folds(ref: Member, m: Member) -> None:
-    """Members aligned by id must put every id in the same OOF fold: a model scored on a row it
-    trained on, or a fold only one member has, makes every honest (per-fold) score a lie.
-
-    Raises
-    ------
-    LogitError
-        Naming both files, the first id whose fold differs and both folds.
-    """
-    if ref.folds is None or m.folds is None or np.array_equal(ref.folds, m.folds):
-        return
-    bad = np.flatnonzero(ref.folds != m.folds)
-    i = int(bad[0])
-    raise LogitError(
-        f"OOF file {m.source} (member {m.name!r}): folds disagree with {ref.name!r} ({ref.source}) on "
-        f"{len(bad)} id(s); the first is {str(ref.ids[i])!r}: fold {int(m.folds[i])} in {m.name!r}, fold "
-        f"{int(ref.folds[i])} in {ref.name!r}. Members must be trained on the same split (the same "
-        f"--k and --seed, or one folds.csv)")
 
 
 def check_label_spaces(members: Sequence[Member]) -> None:
@@ -201,62 +181,223 @@ def check_label_spaces(members: Sequence[Member]) -> None:
             )
 
 
-def _parent_space(m: Member) -> tuple[LabelSpace, str]:
-    meta = m.label_space.meta if m.label_space is not None else {}
+def factor_parent(space: LabelSpace | None) -> tuple[LabelSpace, tuple[str, ...]] | None:
+    """``(parent joint space, factors covered)`` of a per-factor model's space, else None.
+
+    A ``--target age`` model covers ``("age",)``; a ``--target gender,age`` model covers
+    ``("gender", "age")`` (its meta ``factor`` is the comma-joined names, in the parent's order).
+    """
+    meta = space.meta if space is not None else {}
     if "factor_of" not in meta or "factor" not in meta:
+        return None
+    return LabelSpace.from_dict(meta["factor_of"]), tuple(str(meta["factor"]).split(","))
+
+
+def _parent_space(m: Member) -> tuple[LabelSpace, tuple[str, ...]]:
+    got = factor_parent(m.label_space)
+    if got is None:
         raise LogitError(
             f"member {m.name!r} ({m.source}) cannot be composed: its label space does not say which joint "
             f"space it is a factor of (meta 'factor_of'/'factor'); train it with --target <factor>"
         )
-    return LabelSpace.from_dict(meta["factor_of"]), str(meta["factor"])
+    return got
+
+
+def check_same_split(ref: Member, m: Member, what: str = "blend") -> None:
+    """Members blended or composed for an honest score must come from one split of the rows.
+
+    Raises
+    ------
+    LogitError
+        Naming both members, their ``k`` and split seed, when their OOF folds disagree on a
+        shared id (families trained with a different ``--k`` or ``--seed``).
+    """
+    if ref.folds is None or m.folds is None:
+        return
+    if not np.array_equal(ref.ids, m.ids):
+        m = _reorder_to(ref, m)
+    a, b = np.asarray(ref.folds), np.asarray(m.folds)
+    # Fold numbers may be permuted between two runs of the same split: compare the partitions.
+    pairs = set(zip(a.tolist(), b.tolist()))
+    if len(pairs) == len(set(a.tolist())) == len(set(b.tolist())):
+        return
+
+    def desc(x: Member) -> str:
+        k = x.meta.get("k", len(np.unique(np.asarray(x.folds))))
+        seed = x.meta.get("split_seed")
+        return f"{x.name!r} (k={k}" + (f", split seed {seed}" if seed is not None else "") + ")"
+
+    bad = np.flatnonzero(a != b)
+    i = int(bad[0]) if len(bad) else 0
+    raise LogitError(
+        f"OOF file {m.source} (member {m.name!r}): folds disagree with {ref.name!r} ({ref.source}) on "
+        f"{len(bad)} id(s); the first is {str(ref.ids[i])!r}: fold {int(b[i])} in {m.name!r}, fold {int(a[i])} in "
+        f"{ref.name!r}. Members {desc(ref)} and {desc(m)} were trained on different splits, so no honest nested "
+        f"score of their {what} exists (a fold's rows were training rows of the other member): retrain them "
+        "with the same --k and --seed (or one folds.csv)"
+    )
 
 
 def compose_members(parts: Sequence[Member], name: str | None = None) -> Member:
     """A joint-space member from per-factor members (e.g. mask-only, gender-only, age-only).
 
     ``joint[:, ravel(i_mask, i_gender, i_age)] = log_softmax(mask)[i_mask] + ...``, in the
-    parent LabelSpace's factor order whatever order ``parts`` come in. Rows are aligned by id;
-    the joint label is recomputed from the parts' factor labels.
+    parent LabelSpace's factor order whatever order ``parts`` come in. A part may cover
+    several factors (a ``--target gender,age`` model): its log-softmax over its own joint
+    classes is broadcast over the factors it covers. Rows are aligned by id; the joint label
+    is recomputed from the parts' factor labels.
 
     Raises
     ------
     LogitError
         A part that is not a factor model, parts of different joint spaces, a factor given
-        twice or missing, or ids that do not match.
+        twice or missing, parts from different splits, or ids that do not match.
     """
     parts = list(parts)
     if len(parts) < 2:
         raise LogitError(f"a composed member needs at least two factor members, got {[p.name for p in parts]}")
     parent, _ = _parent_space(parts[0])
-    by_factor: dict[str, Member] = {}
+    names = [f.name for f in parent.factors]
+    owner: dict[str, Member] = {}
+    covers: list[tuple[Member, tuple[str, ...]]] = []
     for p in parts:
-        space, factor = _parent_space(p)
+        space, factors = _parent_space(p)
         if not space.same_classes(parent):
             raise LogitError(f"members {parts[0].name!r} and {p.name!r} are factors of different joint label spaces")
-        if factor in by_factor:
-            raise LogitError(f"factor {factor!r} given twice: members {by_factor[factor].name!r} and {p.name!r}")
-        by_factor[factor] = p
-    names = [f.name for f in parent.factors]
-    if sorted(by_factor) != sorted(names):
+        for f in factors:
+            if f in owner:
+                raise LogitError(f"factor {f!r} given twice: members {owner[f].name!r} and {p.name!r}")
+            owner[f] = p
+        covers.append((p, tuple(sorted(factors, key=names.index))))
+    if sorted(owner) != sorted(names):
         raise LogitError(
-            f"composed member {'+'.join(p.name for p in parts)!r} covers factors {sorted(by_factor)}, "
+            f"composed member {'+'.join(p.name for p in parts)!r} covers factors {sorted(owner)}, "
             f"the joint space needs {names}"
         )
-    ordered = [by_factor[f] for f in names]
-    aligned = [ordered[0]] + [_reorder_to(ordered[0], p) for p in ordered[1:]]
-    ref = ordered[0]
-    for p in aligned[1:]:
-        check_same_folds(ref, p)
-    joint = joint_from_factor_logprobs([log_softmax(p.logits) for p in aligned])
+    covers.sort(key=lambda pc: names.index(pc[1][0]))
+    ref = covers[0][0]
+    sizes = parent.factor_sizes
+    n = len(ref.ids)
+    joint = np.zeros((n,) + sizes, dtype=np.float64)
+    factor_labels: dict[str, np.ndarray] = {}
+    for p, factors in covers:
+        p = _reorder_to(ref, p)
+        check_same_split(ref, p, "composition")
+        axes = [names.index(f) for f in factors]
+        lp = log_softmax(p.logits).reshape((n,) + tuple(sizes[a] for a in axes))
+        shape = [n] + [sizes[a] if a in axes else 1 for a in range(len(names))]
+        joint += lp.reshape(shape)
+        if p.labels is not None:
+            for f, lab in zip(factors, np.unravel_index(p.labels, tuple(sizes[a] for a in axes))):
+                factor_labels[f] = np.asarray(lab)
     labels = None
-    if all(p.labels is not None for p in aligned):
-        labels = np.ravel_multi_index(tuple(p.labels for p in aligned), parent.factor_sizes).astype(np.int64)
+    if len(factor_labels) == len(names):
+        labels = np.ravel_multi_index(tuple(factor_labels[f] for f in names), sizes).astype(np.int64)
+    ordered = [p for p, _ in covers]
     return Logits(
-        ref.ids, joint, labels=labels, folds=ref.folds, label_space=parent,
-        name=name or COMPOSE_SEP.join(p.name for p in aligned),
-        meta={"kind": "composed", "sha256": [s for p in aligned for s in p.sha256],
-              "source": "+".join(p.source for p in aligned), "parts": [p.name for p in aligned]},
+        ref.ids, joint.reshape(n, -1), labels=labels, folds=ref.folds, label_space=_composed_space(parent, ordered),
+        name=name or COMPOSE_SEP.join(p.name for p in ordered),
+        meta={"kind": "composed", "sha256": [s for p in ordered for s in p.sha256],
+              "source": "+".join(p.source for p in ordered), "parts": [p.name for p in ordered],
+              **({"k": ref.meta["k"]} if "k" in ref.meta else {})},
     )
+
+
+def _composed_space(parent: LabelSpace, parts: Sequence[Member]) -> LabelSpace:
+    """The parent space, with the age bands of the part that predicts age (a mask-only part's do not matter)."""
+    for p in parts:
+        got = factor_parent(p.label_space)
+        if got and "age" in got[1] and "age_bands" in got[0].meta:
+            return LabelSpace(parent.classes, parent.factors, {**parent.meta, "age_bands": got[0].meta["age_bands"]})
+    return parent
+
+
+def plan_compositions(named_spaces: Sequence[tuple[str, LabelSpace | None]], *, asked_all: bool,
+                      available: Sequence[tuple[str, LabelSpace | None]] = ()) -> list[str]:
+    """Member specs for members that may be per-factor models: compose them, or say how.
+
+    Parameters
+    ----------
+    named_spaces : sequence of (name, LabelSpace or None)
+        The members asked for (compositions ``a+b`` are passed through untouched).
+    asked_all : bool
+        ``--members all``: per-factor families that cover their joint space's factors exactly
+        once are composed into one member ``a+b+c`` (in the joint space's factor order).
+    available : sequence of (name, LabelSpace or None), optional
+        Every member that could be asked for (the registry's families): the error's
+        suggested composition may use them.
+
+    Returns
+    -------
+    list of str
+        Member specs, a composed one in place of its first part.
+
+    Raises
+    ------
+    LogitError
+        Before any model runs: per-factor members that cannot be voted with the others as
+        they are (not composed, and not all of one space), naming the composition to type,
+        e.g. ``--members mask_fam+gender_fam+age_fam``.
+    """
+    factor = {n: factor_parent(sp) for n, sp in named_spaces if COMPOSE_SEP not in n}
+    factor = {n: v for n, v in factor.items() if v is not None}
+    if not factor:
+        return [n for n, _ in named_spaces]
+    spaces = {n: sp for n, sp in named_spaces}
+    distinct = {tuple(spaces[n].classes) if spaces[n] is not None else None for n, _ in named_spaces}
+    if not asked_all and len(distinct) == 1:
+        return [n for n, _ in named_spaces]  # e.g. two age-only families voted in the age space
+
+    def hint() -> str:
+        lines = [f"{n} predicts {', '.join(fs)}" for n, (_, fs) in factor.items()]
+        return "; ".join(lines)
+
+    by_parent: dict[tuple, list[str]] = {}
+    for n, (parent, _) in factor.items():
+        by_parent.setdefault(tuple(parent.classes), []).append(n)
+    composed: dict[str, str] = {}
+    for parent_classes, group in by_parent.items():
+        parent = factor[group[0]][0]
+        order = [f.name for f in parent.factors]
+        covered = [f for n in group for f in factor[n][1]]
+        pool = {n: factor_parent(sp) for n, sp in available if COMPOSE_SEP not in n}
+        pool = {n: v for n, v in pool.items() if v is not None and tuple(v[0].classes) == parent_classes}
+        pool.update({n: factor[n] for n in group})
+        suggestion = _suggest(list(group) + [n for n in pool if n not in group], pool, order)
+        if not asked_all or sorted(covered) != sorted(order):
+            missing = sorted(set(order) - {f for v in pool.values() for f in v[1]})
+            how = (f"--members {suggestion}" if suggestion else
+                   f"--members a+b+c after training the missing factor(s) {missing} with --target")
+            raise LogitError(
+                f"members {group} are per-factor models ({hint()}); they vote in the joint {parent.num_classes}-class "
+                f"space only once composed: pass {how}")
+        spec = COMPOSE_SEP.join(sorted(group, key=lambda n: order.index(factor[n][1][0])))
+        for n in group:
+            composed[n] = spec
+    out: list[str] = []
+    for n, _ in named_spaces:
+        s = composed.get(n, n)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def _suggest(group: Sequence[str], factor: dict, order: Sequence[str]) -> str | None:
+    """One composition of members in ``group`` covering ``order`` exactly once, or None."""
+    def search(i_need: list[str], used: list[str]) -> list[str] | None:
+        if not i_need:
+            return used
+        f = i_need[0]
+        for n in group:
+            fs = factor[n][1]
+            if n not in used and f in fs and set(fs) <= set(i_need):
+                got = search([x for x in i_need if x not in fs], used + [n])
+                if got:
+                    return got
+        return None
+
+    found = search(list(order), [])
+    return COMPOSE_SEP.join(found) if found else None
 
 
 # ---------------------------------------------------------------------------- resolution
@@ -266,7 +407,8 @@ def _registry(registry):
     return registry if hasattr(registry, "entries") else Registry(registry)
 
 
-def _entry_label_space(entry, n_classes_hint=None) -> LabelSpace | None:
+def entry_label_space(entry) -> LabelSpace | None:
+    """The space a registry entry predicts in (a ``--target`` model: its factor space)."""
     d = getattr(entry, "label_space", None)
     if not d:
         return None
@@ -301,7 +443,7 @@ def registry_members(registry, names: Sequence[str] | str = "all") -> list[Membe
                 raise LogitError(f"family {name!r} has no OOF logits in the registry (train it with train-folds)")
             if len(oofs) > 1:
                 raise LogitError(f"family {name!r} lists several OOF files {oofs}; expected one per family")
-            out.append(load_oof(reg.path(oofs[0]), name=name, label_space=_entry_label_space(entries[0]),
+            out.append(load_oof(reg.path(oofs[0]), name=name, label_space=entry_label_space(entries[0]),
                                 kind="family", sha256=[e.sha256 for e in entries]))
         else:
             try:
@@ -310,7 +452,7 @@ def registry_members(registry, names: Sequence[str] | str = "all") -> list[Membe
                 raise LogitError(f"no family or checkpoint named {name!r} in the registry ({exc})") from None
             if not entry.oof:
                 raise LogitError(f"checkpoint {name!r} has no OOF logits in the registry")
-            out.append(load_oof(reg.path(entry.oof), name=name, label_space=_entry_label_space(entry),
+            out.append(load_oof(reg.path(entry.oof), name=name, label_space=entry_label_space(entry),
                                 kind="checkpoint", sha256=[entry.sha256]))
     if not out:
         raise LogitError("the registry holds no family with OOF logits; train one with train-folds or pass --oof")
@@ -351,12 +493,19 @@ def load_members(specs: Sequence[str] | str | None = None, *, registry=None, oof
 
     if specs is None:
         specs = list(files) if files else ALL_MEMBERS
-    members: list[Member] = []
+    asked = [x.strip() for x in specs.split(",")] if isinstance(specs, str) else [str(x).strip() for x in specs]
+    expanded: list[str] = []
     for spec in member_names(specs, all_names=every_member):  # the one rule: "all", commas, twice = error
-        atoms = spec.split(COMPOSE_SEP)
-        for atom in atoms:
+        for atom in spec.split(COMPOSE_SEP):
             if atom not in resolved:
                 resolved[atom] = registry_members(registry, [atom])[0]
+        expanded.append(spec)
+    # Per-factor members: composed when 'all' covers each factor once, else a message naming the composition.
+    expanded = plan_compositions([(s, None if COMPOSE_SEP in s else resolved[s].label_space) for s in expanded],
+                                 asked_all=ALL_MEMBERS in asked)
+    members: list[Member] = []
+    for spec in expanded:
+        atoms = spec.split(COMPOSE_SEP)
         if len(atoms) == 1:
             members.append(resolved[atoms[0]])
         else:

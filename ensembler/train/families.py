@@ -226,7 +226,7 @@ def _run(families: list[_Family], ex: Executor, *, progress: bool, console, esca
 def _finish(fam: _Family, registry) -> FamilyResult:
     job, config = fam.job, fam.job.config
     family, split = job.family, job.split
-    oof = assemble_oof(split, job.targets, job.label_space, fam.fam_dir, config.k, family=family)
+    oof = assemble_oof(split, job.targets, job.label_space, fam.fam_dir, config.k, family=family, split_seed=config.seed)
     for entry in family_entries(registry, family):
         registry.update(entry.id, oof=f"{family}/oof.npz")
     metrics_csv, curves_png = write_curves(fam.fam_dir, config)

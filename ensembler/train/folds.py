@@ -232,7 +232,7 @@ def write_curves(fam_dir: Path, config: TrainConfig, current: dict | None = None
 
 # ---------------------------------------------------------------------------- OOF
 def assemble_oof(split, targets: np.ndarray, label_space: LabelSpace, fam_dir: Path, k: int,
-                 family: str | None = None) -> dict[str, Any]:
+                 family: str | None = None, split_seed: int | None = None) -> dict[str, Any]:
     """Concatenate the folds' validation logits into ``oof.npz`` aligned to ``split``'s row order.
 
     Checks that each fold's logits cover exactly that fold's validation ids, and that every
@@ -286,6 +286,7 @@ def assemble_oof(split, targets: np.ndarray, label_space: LabelSpace, fam_dir: P
         "complete": complete,
         "folds": sorted(done),
         "k": k,
+        "split_seed": split_seed,
         "rows": int(covered.sum()),
         "total_rows": len(ids_all),
         "num_classes": num_classes,
