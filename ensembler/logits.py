@@ -389,6 +389,7 @@ def read_logits_set(path: str | os.PathLike, *, require: Sequence[str] = ()) -> 
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    _refuse_text_file(path)
     try:
         npz = np.load(path, allow_pickle=False)
         if not hasattr(npz, "files"):
@@ -403,6 +404,21 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
         raise LogitError(f"logits file {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+def _refuse_text_file(path: Path) -> None:
+    """A CSV (a submission) or other text file handed over as logits: say what it is, not "pickled data"."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return  # np.load names the problem (missing, a folder)
+    if head[:2] == b"PK" or head == b"\x93NUMPY":
+        return
+    if path.suffix.lower() == ".csv" or (head and all(32 <= b < 127 or b in (9, 10, 13) for b in head)):
+        raise LogitError(f"logits file {path} is not a readable .npz file: it is a text/CSV file. Submission "
+                         "CSVs are combined with `ensembler vote-files`; `evaluate --logits` takes logits as an .npz "
+                         "(`ensembler infer --out FILE.npz`, an OOF file)")
 
 
 def _read_sidecar(path: Path, arrays: Mapping[str, np.ndarray]) -> dict | None:

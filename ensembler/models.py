@@ -1,10 +1,8 @@
-"""Model construction (any timm architecture, flat or factored head) and safe loading of
-outside checkpoints.
+"""Model construction (any timm architecture, flat, factored or multilabel head) and safe
+loading of outside checkpoints.
 
-A *flat* head outputs one logit per class of the LabelSpace. A *factored* head outputs one
-block of logits per factor (mask 3 + gender 2 + age 3 = 8 outputs); its joint
-log-probabilities are the sum of each block's log-softmax, so flat and factored models meet
-in one joint space (:func:`joint_logits`, :func:`joint_log_probs`).
+Heads (flat, factored, multilabel) and their joint log-probabilities are :mod:`ensembler.heads`
+(re-exported here).
 
 Outside checkpoints (``.pth``, ``.pth.tar``, ``.pt``, ``.bin``, ``.ckpt``, ``.safetensors``)
 are read by :func:`load_outside_state_dict`: pickled files only ever with
@@ -23,12 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import EnsemblerError, RegistryError
-from .labels import LabelSpace, factored_to_joint_logprobs
-from .names import HEADS
+from .heads import (HEADS, as_label_space, check_head, head_blocks, head_num_outputs,  # noqa: F401
+                    joint_log_probs, joint_logits)
+from .labels import LabelSpace
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
+
 
 #: Suffixes :func:`load_outside_state_dict` reads. ``.ckpt`` is PyTorch Lightning's.
 CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".ckpt", ".safetensors")
@@ -37,95 +37,6 @@ CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".ckpt", ".safetensors
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _PLAIN_KEYS = ("state_dict", "model")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
-
-
-# ---------------------------------------------------------------------------- heads
-def as_label_space(label_space) -> LabelSpace:
-    """A LabelSpace from a LabelSpace or its ``to_dict()`` form."""
-    if isinstance(label_space, LabelSpace):
-        return label_space
-    if isinstance(label_space, Mapping):
-        return LabelSpace.from_dict(dict(label_space))
-    raise EnsemblerError(
-        f"label_space must be a LabelSpace or its dict form, got {type(label_space).__name__}"
-    )
-
-
-def check_head(head: str, label_space: LabelSpace) -> None:
-    """EnsemblerError for an unknown head, or a factored head on a space without factors."""
-    if head not in HEADS:
-        raise EnsemblerError(f"head must be one of {HEADS}, got {head!r}")
-    if head == "factored" and not label_space.is_factored:
-        raise EnsemblerError(
-            f"a factored head needs a factored LabelSpace (e.g. LabelSpace.mask()); "
-            f"this one has {label_space.num_classes} unfactored classes"
-        )
-
-
-def head_num_outputs(label_space, head: str = "flat") -> int:
-    """Number of outputs of a head over ``label_space``.
-
-    Parameters
-    ----------
-    label_space : LabelSpace or dict
-    head : {"flat", "factored"}
-
-    Returns
-    -------
-    int
-        ``num_classes`` for a flat head, the sum of the factor sizes for a factored one.
-
-    Examples
-    --------
-    >>> from ensembler import LabelSpace
-    >>> head_num_outputs(LabelSpace.mask(), "flat"), head_num_outputs(LabelSpace.mask(), "factored")
-    (18, 8)
-    """
-    ls = as_label_space(label_space)
-    check_head(head, ls)
-    return ls.num_classes if head == "flat" else int(sum(ls.factor_sizes))
-
-
-def _check_outputs(outputs, head: str, ls: LabelSpace) -> None:
-    expected = head_num_outputs(ls, head)
-    if outputs.ndim != 2 or outputs.shape[1] != expected:
-        raise EnsemblerError(
-            f"a {head} head over {ls.num_classes} classes has {expected} outputs per image; "
-            f"got an array of shape {tuple(outputs.shape)}"
-        )
-
-
-def joint_logits(outputs, head: str, label_space):
-    """Model outputs -> joint logits over the LabelSpace.
-
-    Flat heads: the raw logits, unchanged. Factored heads: joint log-probabilities,
-    ``logp[m, g, a] = log_softmax(mask)[m] + log_softmax(gender)[g] + log_softmax(age)[a]``.
-    Either way ``softmax`` of the result gives the class probabilities. Works on torch
-    tensors and numpy arrays of shape (N, head_num_outputs).
-
-    Examples
-    --------
-    >>> import torch
-    >>> from ensembler import LabelSpace
-    >>> joint_logits(torch.zeros(2, 8), "factored", LabelSpace.mask()).shape
-    torch.Size([2, 18])
-    """
-    ls = as_label_space(label_space)
-    _check_outputs(outputs, head, ls)
-    if head == "flat":
-        return outputs
-    return factored_to_joint_logprobs(outputs, ls.factor_sizes)
-
-
-def joint_log_probs(outputs, head: str, label_space):
-    """Model outputs -> joint log-probabilities (normalised: ``exp`` sums to 1 per row)."""
-    ls = as_label_space(label_space)
-    _check_outputs(outputs, head, ls)
-    if head == "factored":
-        return factored_to_joint_logprobs(outputs, ls.factor_sizes)
-    from .metrics import log_softmax
-
-    return log_softmax(outputs, axis=-1)  # torch stays in torch
 
 
 # ---------------------------------------------------------------------------- construction
@@ -156,7 +67,7 @@ def create_model(arch: str, *, label_space, head: str = "flat", pretrained: bool
         Any timm architecture name (``timm.list_models()``), with or without a pretrained tag.
     label_space : LabelSpace or dict
         The classes; a factored head needs a factored space.
-    head : {"flat", "factored"}
+    head : {"flat", "factored", "multilabel"}
         ``flat``: ``num_classes`` outputs. ``factored``: one block per factor, concatenated.
     pretrained : bool
         Download timm's pretrained backbone weights (needs network access).
@@ -481,5 +392,5 @@ def load_outside_state_dict(path, *, use_ema: bool | None = None) -> dict:
 
 __all__ = ["CHECKPOINT_SUFFIXES", "HEADS", "WRAPPER_PREFIXES", "OutsideCheckpoint", "StateDictCheck",
     "as_label_space", "check_arch", "check_finite", "check_head", "checkpoint_suffix", "check_state_dict",
-    "compare_state_dict", "create_model", "expected_state_shapes", "head_num_outputs", "joint_log_probs",
+    "compare_state_dict", "create_model", "expected_state_shapes", "head_blocks", "head_num_outputs", "joint_log_probs",
     "joint_logits", "load_outside_state_dict", "read_outside_checkpoint"]

@@ -25,7 +25,7 @@ from .errors import ParameterError
 SOURCE_KINDS = ("csv", "folder", "mask", "digits")
 
 # ---------------------------------------------------------------- models and training (ensembler.models, .train)
-HEADS = ("flat", "factored")
+HEADS = ("flat", "factored", "multilabel")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "cosine-restarts", "step", "none")
 MONITORS = ("f1", "acc", "loss")

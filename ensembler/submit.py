@@ -263,6 +263,60 @@ def _append_locked(path: Path, line: bytes) -> None:
     append_whole(path, line)
 
 
+LEADERBOARDS = ("public", "private")
+
+
+def record_score(file: str | os.PathLike, score: float, *, board: str = "public",
+                 ledger: str | os.PathLike | None = None) -> dict:
+    """Append a leaderboard score of a submission file to the ledger (a ``kind: "score"`` row).
+
+    Parameters
+    ----------
+    file : path
+        The submission that was scored (it must exist: its sha256 is recorded).
+    score : float
+        The leaderboard's number, e.g. 0.8022.
+    board : {"public", "private"}
+    ledger : path, optional
+        Default ``ledger.jsonl`` beside ``file``.
+
+    The latest score of a file on a board wins (:func:`ledger_scores`); ``vote-files --top N``
+    picks the N best-scored files.
+    """
+    import math
+
+    path = Path(file)
+    if board not in LEADERBOARDS:
+        raise EnsemblerError(f"board must be one of {LEADERBOARDS}, got {board!r}")
+    if not path.is_file():
+        raise EnsemblerError(f"cannot score {path}: no such submission file")
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        raise EnsemblerError(f"score {score!r} is not a number") from None
+    if not math.isfinite(value):
+        raise EnsemblerError(f"score {score!r} is not a finite number")
+    ledger_path = Path(ledger) if ledger is not None else path.parent / LEDGER_NAME
+    read_ledger(ledger_path)  # a broken ledger fails before anything is appended
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": "score", "file": str(path),
+              "file_resolved": str(path.resolve()), "file_sha256": sha256_file(path), board: value}
+    append_ledger(ledger_path, record)
+    return record
+
+
+def ledger_scores(ledger: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """``{resolved file path: {"public": score, "private": score}}``, the latest per file and board."""
+    out: dict[str, dict[str, float]] = {}
+    for r in read_ledger(ledger):
+        if r.get("kind") != "score":
+            continue
+        key = r.get("file_resolved") or str(Path(r.get("file", "")).resolve())
+        for board in LEADERBOARDS:
+            if r.get(board) is not None:
+                out.setdefault(key, {})[board] = float(r[board])
+    return out
+
+
 def member_records(entries: Sequence) -> list[dict]:
     """Ledger form of registry entries: name, family, fold, sha256."""
     return [{"id": e.id, "family": e.family, "fold": e.fold, "sha256": e.sha256} for e in entries]

@@ -15,7 +15,8 @@ import sys
 from ..errors import EnsemblerError
 
 # Command-group modules, in the order ``--help`` lists them.
-COMMAND_MODULES = ("data", "train", "registry", "infer", "ensemble", "predict", "export", "report", "demo")
+COMMAND_MODULES = ("data", "train", "registry", "infer", "ensemble", "predict", "submissions", "export", "report",
+                   "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
