@@ -140,6 +140,28 @@ class LabelSpace:
         f = self.factor(name)
         return LabelSpace(f.classes, meta={"factor_of": self.to_dict(), "factor": name})
 
+    def factors_space(self, names: Sequence[str]) -> "LabelSpace":
+        """The space of several factors (a ``--target gender,age`` model), in this space's factor order.
+
+        One name gives :meth:`factor_space`. Several give their joint product, factored, with
+        meta ``factor_of`` (this space) and ``factor`` (the names joined by commas), so the
+        model composes with the remaining factors' models into this space.
+
+        >>> LabelSpace.mask().factors_space(["age", "gender"]).classes[:2]
+        ('male-young', 'male-middle')
+        """
+        order = [f.name for f in self.factors]
+        unknown = [n for n in names if n not in order]
+        if unknown or not names:
+            raise KeyError(f"no factor(s) named {unknown or list(names)}; factors are {order}")
+        if len(set(names)) != len(names):
+            raise KeyError(f"a factor is named twice in {list(names)}")
+        ordered = sorted(names, key=order.index)
+        if len(ordered) == 1:
+            return self.factor_space(ordered[0])
+        return LabelSpace.from_factors([self.factor(n) for n in ordered],
+                                       meta={"factor_of": self.to_dict(), "factor": ",".join(ordered)})
+
     def index(self, label: Any) -> int:
         """Class index of a class name or an integer index (given as int or digit string)."""
         if isinstance(label, (int, np.integer)) and not isinstance(label, bool):

@@ -46,9 +46,12 @@ def register(sub) -> None:
                    help="timm architecture, e.g. resnet18, efficientnet_b3, swin_base_patch4_window7_224; several, "
                    "comma-separated (resnet18,efficientnet_b0), train one family each in one run")
     g.add_argument("--head", choices=HEADS, default="flat",
-                   help="flat: one logit per class; factored: one block per factor (mask data) (default flat)")
-    g.add_argument("--target", choices=TARGETS, default=None,
-                   help="train a per-factor model predicting only this factor (mask data)")
+                   help="flat: one logit per class; factored: one softmax block per factor (mask data, or a "
+                        "multi-factor --target); multilabel: a sigmoid per factor level trained with BCE, joint "
+                        "log-probs from the sigmoids given one level per factor (default flat)")
+    g.add_argument("--target", default=None, metavar="FACTOR[,FACTOR]",
+                   help="train a per-factor model (mask data): mask, gender, age, or several such as gender,age; "
+                        "compose it with the other factors' families: --members mask-fam+this-fam")
     g.add_argument("--img-size", type=int, default=None, metavar="PX", help="input size (default: the arch's own)")
     g.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                    help="start from timm's pretrained weights (default; needs hub access or --pretrained-path)")
@@ -77,7 +80,8 @@ def register(sub) -> None:
     g.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up epochs, capped at a quarter of the run (default by regime: 1 fine-tuning, 0.3 from scratch)")
     g.add_argument("--loss", choices=LOSS_NAMES, default="ce",
-                   help="ce, focal, label-smoothing, f1 (soft macro-F1) or mix (default ce)")
+                   help="ce, focal, label-smoothing, f1 (soft macro-F1), bce (one sigmoid per class; what "
+                        "--head multilabel trains with) or mix (default ce; bce with --head multilabel)")
     g.add_argument("--loss-weights", default=None, metavar="ce=0.3,f1=0.7", help="weights of --loss mix")
     g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")

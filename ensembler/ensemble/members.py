@@ -176,7 +176,7 @@ def entry_label_space(entry) -> LabelSpace | None:
     space = LabelSpace.from_dict(d)
     target = getattr(entry, "target", None)
     if target and space.is_factored and "factor_of" not in space.meta:
-        space = space.factor_space(target)
+        space = space.factors_space([t.strip() for t in str(target).split(",")])
     return space
 
 

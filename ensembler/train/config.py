@@ -91,9 +91,12 @@ class TrainConfig:
         default by regime: 1 fine-tuning, 0.3 from scratch.
     img_size : int, optional
         Input size; default the architecture's own.
-    head : {"flat", "factored"}
-        ``factored``: one block of logits per factor (needs a factored label space).
-    loss : {"ce", "focal", "label-smoothing", "f1", "mix"}
+    head : {"flat", "factored", "multilabel"}
+        ``factored``: one block of logits per factor (needs a factored label space, or a
+        multi-factor ``target``); ``multilabel``: the same outputs as independent sigmoids
+        trained with binary cross-entropy (``loss`` must be ``bce``; the default ``ce``
+        becomes ``bce``), see :mod:`ensembler.heads`.
+    loss : {"ce", "focal", "label-smoothing", "f1", "bce", "mix"}
     loss_weights : dict or str, optional
         For ``mix``: ``{"ce": 0.3, "f1": 0.7}`` or ``"ce=0.3,f1=0.7"``.
     focal_gamma, smoothing : float
@@ -126,8 +129,10 @@ class TrainConfig:
         Stop a fold after this many epochs without improvement; ``None`` never stops early.
     device : str, optional
         ``"cuda"``, ``"cuda:1"``, ``"cpu"``; default CUDA when available.
-    target : {"mask", "gender", "age"}, optional
-        Train a per-factor model predicting one factor of a factored label space.
+    target : str, optional
+        Train a per-factor model: one factor (``"age"``) or several (``"gender,age"``, kept
+        in the label space's factor order) of a factored label space. It composes with
+        models of the other factors into the joint space (``--members mask-fam+ga-fam``).
     deterministic : bool
         ``torch.use_deterministic_algorithms(True)`` for the run (restored afterwards).
     channels_last : bool
@@ -216,9 +221,21 @@ class TrainConfig:
         _check_choice(self.augment, AUGMENTS, "--augment")
         _check_choice(self.crop, CROPS, "--crop")
         if self.target is not None:
-            _check_choice(self.target, TARGETS, "--target")
-            if self.head == "factored":
-                raise EnsemblerError("--target trains a one-factor model: use --head flat with --target")
+            parts = [t.strip() for t in str(self.target).split(",") if t.strip()]
+            for t in parts:
+                _check_choice(t, TARGETS, "--target")
+            if not parts or len(set(parts)) != len(parts):
+                raise EnsemblerError(f"--target names each factor once, e.g. gender,age (got {self.target!r})")
+            self.target = ",".join(sorted(parts, key=TARGETS.index))
+            if self.head == "factored" and len(parts) == 1:
+                raise EnsemblerError(f"--target {self.target} is one factor: a factored head needs two or more "
+                                     "(--target gender,age), use --head flat")
+        if self.head == "multilabel":
+            if self.loss == "ce":
+                self.loss = "bce"  # the head's own loss; the run header prints it
+            elif self.loss != "bce":
+                raise EnsemblerError(f"--head multilabel trains sigmoids with --loss bce; --loss {self.loss} is a "
+                                     "softmax loss (use --head factored for it)")
         if self.pretrained_path is not None:
             self.pretrained_path = str(self.pretrained_path)
             if not os.path.isfile(self.pretrained_path):
@@ -277,7 +294,7 @@ class TrainConfig:
     def default_family(self) -> str:
         """``<arch>-<head>[-<target>]`` (the registry makes it unique)."""
         name = f"{self.arch}-{self.head}"
-        return f"{name}-{self.target}" if self.target else name
+        return f"{name}-{self.target.replace(',', '-')}" if self.target else name
 
 
 def _check_int(value, flag: str, minimum: int) -> None:

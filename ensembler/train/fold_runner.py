@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .._io import write_json_atomic
+from ..heads import head_blocks
 from ..device import resolve_device
 from ..errors import DataError, EnsemblerError
 from ..labels import LabelSpace
@@ -203,7 +204,7 @@ class FoldRunner:
             scheduler = build_scheduler(optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=len(train_loader),
                                         warmup_epochs=cfg.warmup_epochs, min_factor=cfg.min_lr)
         scaler = torch.amp.GradScaler("cuda") if self.use_scaler else None
-        factor_sizes = self.label_space.factor_sizes if cfg.head == "factored" else None
+        factor_sizes = head_blocks(self.label_space, cfg.head)  # None for a flat head
         loss_fn = TrainLoss(cfg.loss, factor_sizes=factor_sizes, weights=cfg.loss_weights,
                             gamma=cfg.focal_gamma, smoothing=cfg.smoothing)
 

@@ -61,7 +61,8 @@ def training_targets(table, target: str | None) -> tuple[LabelSpace, np.ndarray]
     """The model's LabelSpace and per-row integer targets.
 
     ``target=None``: the table's space and labels. ``target="age"`` (etc.): the factor's flat
-    space and each row's index in that factor.
+    space and each row's index in that factor. ``target="gender,age"``: the product of those
+    factors (factored, :meth:`LabelSpace.factors_space`) and each row's index in it.
     """
     labels = table.labels
     space = table.label_space
@@ -73,10 +74,17 @@ def training_targets(table, target: str | None) -> tuple[LabelSpace, np.ndarray]
             f"has {space.num_classes} plain classes; drop --target"
         )
     names = [f.name for f in space.factors]
-    if target not in names:
+    wanted = [t.strip() for t in str(target).split(",")]
+    unknown = [t for t in wanted if t not in names]
+    if unknown:
         raise DataError(f"--target {target}: {table.describe()} has factors {names}")
-    idx = names.index(target)
-    return space.factor_space(target), np.asarray(space.factor_indices(labels)[idx], dtype=np.int64)
+    sub = space.factors_space(wanted)
+    if len(wanted) == 1:
+        return sub, np.asarray(space.factor_indices(labels)[names.index(wanted[0])], dtype=np.int64)
+    per = space.factor_indices(labels)
+    chosen = [f.name for f in sub.factors]
+    idx = tuple(np.asarray(per[names.index(f)]) for f in chosen)
+    return sub, np.ravel_multi_index(idx, sub.factor_sizes).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------- family naming

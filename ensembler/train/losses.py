@@ -1,4 +1,4 @@
-"""Training losses: cross-entropy, focal, label smoothing, soft macro-F1 and weighted mixes.
+"""Training losses: cross-entropy, focal, label smoothing, soft macro-F1, BCE and weighted mixes.
 
 All losses take a model's raw outputs ``(N, C)`` and integer targets ``(N,)`` and return a
 scalar. :func:`build_loss` wraps them for a head:
@@ -6,7 +6,9 @@ scalar. :func:`build_loss` wraps them for a head:
 * flat head: the loss is applied to the ``C`` logits directly;
 * factored head (one block of logits per factor, e.g. 3 + 2 + 3 for mask x gender x age):
   the loss is applied **per factor block** with that factor's targets, and the blocks'
-  losses are summed.
+  losses are summed;
+* multilabel head (the factored head's outputs as independent sigmoids): ``bce`` per block,
+  one sigmoid per factor level against the one-hot factor target.
 
 Why per block and not on the joint log-probs: for cross-entropy the two are the *same
 number* (the joint log-prob of the true class is the sum of the factors' log-probs, so
@@ -80,6 +82,24 @@ def soft_f1_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) 
 
 
 # ---------------------------------------------------------------------------- modules
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One-vs-rest binary cross-entropy: a sigmoid per class against the one-hot target.
+
+    Summed over the classes, averaged over the batch (so its scale is comparable to
+    cross-entropy): ``mean_n sum_c BCE(sigmoid(z_nc), onehot_nc)``. The loss of a
+    ``--head multilabel`` model, per factor block.
+
+    >>> import torch
+    >>> z = torch.tensor([[2.0, -1.0, 0.0]]); y = torch.tensor([0])
+    >>> ref = torch.nn.functional.binary_cross_entropy_with_logits(z, torch.tensor([[1.0, 0.0, 0.0]]), reduction="sum")
+    >>> bool(torch.isclose(bce_loss(z, y), ref))
+    True
+    """
+    z = logits.float()
+    onehot = F.one_hot(target, z.shape[1]).to(z.dtype)
+    return F.binary_cross_entropy_with_logits(z, onehot, reduction="none").sum(1).mean()
+
+
 def _single(name: str, *, gamma: float, smoothing: float):
     if name == "ce":
         return lambda x, y: F.cross_entropy(x.float(), y)
@@ -89,6 +109,8 @@ def _single(name: str, *, gamma: float, smoothing: float):
         return lambda x, y: label_smoothing_loss(x, y, smoothing)
     if name == "f1":
         return soft_f1_loss
+    if name == "bce":
+        return bce_loss
     raise EnsemblerError(f"unknown loss {name!r}; choose one of {list(LOSS_NAMES)}")
 
 
@@ -129,7 +151,7 @@ class TrainLoss(nn.Module):
 
     Parameters
     ----------
-    name : {"ce", "focal", "label-smoothing", "f1", "mix"}
+    name : {"ce", "focal", "label-smoothing", "f1", "bce", "mix"}
     factor_sizes : sequence of int, optional
         Sizes of the factor blocks of a factored head (e.g. ``(3, 2, 3)``); targets are then
         joint class indices, split into factor indices (C order) and the loss is summed over
