@@ -145,3 +145,38 @@ def test_evaluate_macro_f1_is_sklearns_with_a_flag_for_all_classes(tmp_path, cap
     assert fixed.f1 == pytest.approx(res.f1 * 15 / 18)
     assert main(["evaluate", "--logits", str(path), "--f1-labels", "all"]) == 0
     assert f"macro-F1 (all classes) {fixed.f1:.4f}" in capsys.readouterr().out
+
+
+def test_tune_weights_no_honest_writes_a_recipe(tmp_path):
+    # --no-honest left NaN candidate means in the recipe, and its (strict JSON) hash crashed.
+    from ensembler.ensemble import Recipe
+
+    rng = np.random.default_rng(0)
+    n = 90
+    y = rng.integers(0, 3, n)
+    ids = np.array([f"i{k}" for k in range(n)])
+    files = []
+    for name in ("a", "b"):
+        p = tmp_path / f"{name}.npz"
+        np.savez(p, ids=ids, logits=(np.eye(3)[y] + rng.normal(size=(n, 3))).astype(np.float32), labels=y,
+                 folds=np.arange(n) % 3)
+        files.append(str(p))
+    out = tmp_path / "r.json"
+    assert main(["tune-weights", "--oof", *files, "--no-honest", "--no-plots", "--out", str(out)]) == 0
+    assert Recipe.load(out).hash()
+
+
+def test_evaluate_logits_file_age_bands_taken_from_the_file_or_refused(tmp_path, capsys):
+    root = write_mask_tree(tmp_path / "train", n_profiles=6)
+    t29 = load_source(root, age_bands=(29, 58))
+    rng = np.random.default_rng(0)
+    z = (np.eye(18)[t29.labels] * 2 + rng.normal(size=(len(t29), 18))).astype(np.float32)
+    path = write_logits(tmp_path / "oof.npz", Logits(t29.ids, z, label_space=LabelSpace.mask((29, 58)),
+                                                     labels=t29.labels, folds=np.arange(len(t29)) % 2))
+    with pytest.raises(DataError, match=r"labelled with age bands 30,60 but logits file .*oof.npz was made with "
+                                        r"29,58: pass --age-bands 29,58"):
+        evaluate(load_source(root), logits=path)
+    want = evaluate(t29, logits=path)
+    assert main(["evaluate", "--data", str(root), "--logits", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "age bands 29,58: taken from the members" in out.err and f"macro-F1 {want.f1:.4f}" in out.out
