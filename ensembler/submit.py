@@ -29,8 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._io import (append_whole, atomic_write, json_text, refuse_existing, sha256_bytes, truncate_to, write_bytes_atomic,
-                  write_error)
+from ._io import (append_whole, atomic_write, json_text, refuse_existing, sha256_bytes, sha256_file, truncate_to,
+                  write_bytes_atomic, write_error)
 from .errors import DataError, EnsemblerError
 
 LEDGER_NAME = "ledger.jsonl"

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ._io import sha256_file
+from ._io import refuse_existing, sha256_file
 from .errors import DataError, EnsemblerError
 from .labels import LabelSpace
 
@@ -257,7 +257,7 @@ def vote_files(paths: Sequence = (), *, vote: str = "hard", weights: Sequence[fl
     top : int, optional
         Use the ``top`` best-scored files by their ``board`` score in the ledger, best first.
     out : path, optional
-        The CSV to write (an existing different file is kept unless ``overwrite``).
+        The CSV to write (an existing file is kept unless ``overwrite``: refused before any work).
     ledger : path, optional
         Default ``<folder of out>/ledger.jsonl`` (``submissions/ledger.jsonl`` without ``out``).
 
@@ -277,6 +277,8 @@ def vote_files(paths: Sequence = (), *, vote: str = "hard", weights: Sequence[fl
         raise EnsemblerError(f"--vote must be one of {', '.join(FILE_VOTES)} for submission files, got {vote!r}")
     if tie_break not in TIE_BREAKS:
         raise EnsemblerError(f"--tie-break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
+    if out is not None:
+        refuse_existing(out, overwrite=overwrite)  # the one --out rule, before any file is read
     ledger_path = Path(ledger) if ledger is not None else (Path(out).parent if out else Path("submissions")) / \
         "ledger.jsonl"
     scores: dict = {}

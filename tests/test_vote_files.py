@@ -148,3 +148,15 @@ def test_evaluate_logits_csv_says_what_it_is(tmp_path, capsys):
     assert main(["evaluate", "--logits", str(p)]) == 2
     err = capsys.readouterr().err
     assert "pickled" not in err and "vote-files" in err
+
+
+def test_an_existing_out_is_refused_before_any_file_is_read(tmp_path):
+    paths = _mask_subs(tmp_path / "a", [[1, 2], [1, 2]])
+    out = tmp_path / "subs" / "v.csv"
+    out.parent.mkdir()
+    out.write_text("keep me")
+    with pytest.raises(EnsemblerError, match=r"--out .*v.csv exists; pass --overwrite"):
+        vote_files([paths[0], tmp_path / "missing.csv"], out=out)
+    assert out.read_text() == "keep me"
+    vote_files(paths, out=out, overwrite=True)
+    assert pd.read_csv(out)["ans"].tolist() == [1, 2]
