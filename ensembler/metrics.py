@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .names import F1_LABEL_RULES
+
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     """C x C counts, rows = true class, columns = predicted class."""
@@ -35,7 +37,6 @@ def per_class_f1(y_true, y_pred, num_classes: int) -> np.ndarray:
         return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
 
 
-F1_LABEL_RULES = ("present", "all")
 
 
 def f1_label_mask(y_true, y_pred, num_classes: int, labels="present") -> np.ndarray:

@@ -55,6 +55,10 @@ TUNING_METHODS = ("caruana", "scipy", "stack")
 TUNING_METRICS = ("f1", "acc", "logloss")
 
 # ---------------------------------------------------------------- member names
+F1_LABEL_RULES = ("present", "all")                      # macro-F1 over present classes (scikit-learn) or all
+FILE_VOTES = ("hard", "soft")                            # vote-files over submission CSVs
+TIE_BREAKS = ("smallest", "first")                       # vote-files: smallest class, or the earliest file
+LEADERBOARDS = ("public", "private")                     # ledger score boards
 ALL_MEMBERS = "all"
 COMPOSE_SEP = "+"
 

@@ -32,6 +32,7 @@ import numpy as np
 from ._io import (append_whole, atomic_write, json_text, refuse_existing, sha256_bytes, sha256_file, truncate_to,
                   write_bytes_atomic, write_error)
 from .errors import DataError, EnsemblerError
+from .names import LEADERBOARDS
 
 LEDGER_NAME = "ledger.jsonl"
 
@@ -263,7 +264,6 @@ def _append_locked(path: Path, line: bytes) -> None:
     append_whole(path, line)
 
 
-LEADERBOARDS = ("public", "private")
 
 
 def record_score(file: str | os.PathLike, score: float, *, board: str = "public",

@@ -47,8 +47,7 @@ from .labels import LabelSpace
 __all__ = ["SubmissionFile", "VoteFilesResult", "TIE_BREAKS", "read_submission_file", "top_scored_files",
            "vote_files"]
 
-TIE_BREAKS = ("smallest", "first")
-FILE_VOTES = ("hard", "soft")
+from .names import FILE_VOTES, TIE_BREAKS
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .._io import refuse_existing
 from ..errors import EnsemblerError
-from ..names import PREDICT_BACKENDS, VOTE_RULES
+from ..names import F1_LABEL_RULES, PREDICT_BACKENDS, VOTE_RULES
 from ._common import (add_data_args, add_engine_args, add_registry_arg, console, default_workers, err_console,
                       parse_float_list, printed_warnings)
 
@@ -57,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("--vote", choices=VOTE_RULES, default="soft", help="how several members are combined (default soft)")
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per member")
     add_engine_args(p, recipe=True)
-    p.add_argument("--f1-labels", choices=("present", "all"), default="present",
+    p.add_argument("--f1-labels", choices=F1_LABEL_RULES, default="present",
                    help="classes macro-F1 averages over: present = in truth or prediction (scikit-learn's "
                         "f1_score(average='macro'), the default); all = every class, absent ones count 0")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the confusion matrix there (default: none)")

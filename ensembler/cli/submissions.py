@@ -6,6 +6,7 @@ Parsing and printing only; the work is :func:`ensembler.vote_files.vote_files` a
 
 from __future__ import annotations
 
+from ..names import FILE_VOTES, LEADERBOARDS, TIE_BREAKS
 from ._common import add_group, console, err_console, parse_float_list
 
 
@@ -19,12 +20,12 @@ def register(sub) -> None:
                     "N best files by their leaderboard score in the ledger (`ensembler ledger score`), best first.")
     p.add_argument("files", nargs="*", metavar="CSV", help="submission files, best-ranked first (with --top: the "
                                                            "candidates; default every scored file of the ledger)")
-    p.add_argument("--vote", choices=("hard", "soft"), default="hard", help="hard (default) or soft (prob_ columns)")
+    p.add_argument("--vote", choices=FILE_VOTES, default="hard", help="hard (default) or soft (prob_ columns)")
     p.add_argument("--weights", default=None, metavar="W1,W2,...", help="one weight per file, in the order used")
-    p.add_argument("--tie-break", choices=("smallest", "first"), default="smallest",
+    p.add_argument("--tie-break", choices=TIE_BREAKS, default="smallest",
                    help="smallest class index (scikit-learn's rule, default) or the earliest file's vote")
     p.add_argument("--top", type=int, default=None, metavar="N", help="the N best-scored files of the ledger")
-    p.add_argument("--board", choices=("public", "private"), default="public", help="the score --top ranks by")
+    p.add_argument("--board", choices=LEADERBOARDS, default="public", help="the score --top ranks by")
     p.add_argument("--ledger", default=None, metavar="FILE", help="default: ledger.jsonl beside --out")
     p.add_argument("--out", required=True, metavar="CSV", help="the voted submission, e.g. submissions/vote8.csv")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission with different content")
@@ -45,7 +46,7 @@ def register(sub) -> None:
                         description="Every submission file with a leaderboard score in the ledger, best first.")
     p.add_argument("--ledger", default="submissions/ledger.jsonl", metavar="FILE",
                    help="default submissions/ledger.jsonl")
-    p.add_argument("--board", choices=("public", "private"), default="public", help="order by this score")
+    p.add_argument("--board", choices=LEADERBOARDS, default="public", help="order by this score")
     p.set_defaults(func=cmd_ledger_list)
 
 
