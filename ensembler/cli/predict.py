@@ -91,7 +91,9 @@ def cmd_predict(args) -> int:
     refuse_existing(args.out, overwrite=args.overwrite)  # before the data is read
     from ..predict import member_age_bands
 
-    table = _load_table(args, member_age_bands(args.registry, args.members, args.recipe))
+    # an exported ensemble carries no registry members: its labels are not read (predict only)
+    bands = None if args.model is not None else member_age_bands(args.registry, args.members, args.recipe)
+    table = _load_table(args, bands)
     if args.probs and (table.source or {}).get("info_csv"):
         err_console().print("[yellow]note:[/] --probs is ignored for mask eval data: its submission format is "
                             "info.csv with 'ans' filled")
