@@ -228,6 +228,8 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
         specs = plan_compositions([(s, None if parts_of[s] else entry_label_space(resolved[s][0])) for s in specs],
                                   asked_all="all" in asked, available=families)
         parts_of = {s: s.split(COMPOSE_SEP) if COMPOSE_SEP in s else [] for s in specs}
+        source_of = {s: s for s in specs}
+        runs = {s: (plan, merge_rule) for s in specs}
     check_age_bands(table, {a: resolved[a] for a in atoms})
     w = _check_vote_weights(rule, weights, specs) if recipe is None else None
     for s in specs:  # a plan that cannot run on a member's input size fails before any forward
