@@ -141,17 +141,6 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
     -------
     DemoResult
     """
-    import torch
-
-    from .data import load_digits_table, split_folds
-    from .ensemble import load_members, tune_weights, vote
-    from .ensemble.plots import write_tuning_plots
-    from .metrics import accuracy, macro_f1
-    from .evaluate import per_class_table, plot_confusion_matrix
-    from .predict import predict
-    from .registry import Registry
-    from .train import TrainConfig, train_folds
-
     say = log or (lambda msg: None)
     epochs = (1 if quick else 3) if epochs is None else int(epochs)
     if epochs < 1:
@@ -162,8 +151,35 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
     artifacts: dict[str, Path] = {}
     t_all = time.perf_counter()
 
-    # ---------------------------------------------------------------- 1. data and held-out split
     t0 = time.perf_counter()
+    train, test = _data(out_dir, quick, say, artifacts)
+    timings["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    registry, families = _train(out_dir, train, epochs, progress, say, artifacts)
+    timings["train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tuned = _tune(out_dir, registry, say, artifacts)
+    timings["tune"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tuned_pred, soft, hard = _predict(out_dir, test, registry, progress, say, artifacts)
+    timings["predict"] = time.perf_counter() - t0
+
+    rows = _comparison_rows(test, tuned, tuned_pred, soft, hard)
+    artifacts["confusion matrix"] = _confusion(out_dir, test, tuned_pred.pred, rows[-1]["test_f1"])
+    timings["total"] = time.perf_counter() - t_all
+    notes = [n for fam in families for n in fam.notes]
+    return DemoResult(out_dir=out_dir, rows=rows, recipe=tuned.recipe, prediction=tuned_pred, artifacts=artifacts,
+                      timings=timings, train_rows=len(train), test_rows=len(test), tta=TTA, epochs=epochs,
+                      notes=notes)
+
+
+def _data(out_dir: Path, quick: bool, say, artifacts: dict):
+    """Step 1: digits as PNGs, a grouped ~20% held out; both parts written as CSV manifests."""
+    from .data import load_digits_table, split_folds
+
     say("digits: writing/reading the PNG cache and holding out a grouped ~20% test part")
     table = load_digits_table(cache_dir=out_dir / "data" / "digits")
     if quick:  # every 5th image: all classes, ~360 images
@@ -175,13 +191,19 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
     train = type(train)(train.frame.drop(columns=["fold"]), train.label_space, dict(table.source, part="train"))
     artifacts["train manifest"] = train.to_csv(out_dir / "splits" / "train.csv")
     artifacts["held-out manifest"] = test.to_csv(out_dir / "splits" / "test.csv")
-    timings["data"] = time.perf_counter() - t0
+    return train, test
 
-    # ---------------------------------------------------------------- 2. two families on k=3 folds
+
+def _train(out_dir: Path, train, epochs: int, progress: bool, say, artifacts: dict):
+    """Step 2: the two families of :data:`ARCHS` on k=3 grouped folds."""
+    import torch
+
+    from .registry import Registry
+    from .train import TrainConfig, train_folds
+
     registry = Registry(out_dir / "checkpoints")
     artifacts["registry"] = registry.root
     families = []
-    t0 = time.perf_counter()
     for family, arch in ARCHS:
         say(f"training {family} ({arch}, 32 px, {epochs} epoch(s)) on 3 grouped folds of {len(train)} images")
         torch.manual_seed(0)
@@ -192,23 +214,29 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
         families.append(fam)
         artifacts[f"{family} OOF logits"] = fam.oof_path
         artifacts[f"{family} learning curves"] = fam.curves_png
-    timings["train"] = time.perf_counter() - t0
+    return registry, families
 
-    # ---------------------------------------------------------------- 3. tune on OOF logits
+
+def _tune(out_dir: Path, registry, say, artifacts: dict):
+    """Step 3: Caruana on the families' OOF logits, the honest score, ``recipe.json`` and its charts."""
+    from .ensemble import load_members, tune_weights
+    from .ensemble.plots import write_tuning_plots
+
     say("tuning weights on the OOF logits (Caruana, macro-F1, temperatures, honest nested-CV score)")
-    t0 = time.perf_counter()
     members = load_members([f for f, _ in ARCHS], registry=registry)
     tuned = tune_weights(members, method="caruana", metric="f1", rounds=50, temperature=True, honest=True)
     plots = write_tuning_plots(tuned, out_dir / "recipe_plots")
     artifacts["recipe"] = tuned.recipe.save(out_dir / "recipe.json")
     artifacts["weights chart"] = plots["weights"]
     artifacts["per-class F1 chart"] = plots["per_class_f1"]
-    timings["tune"] = time.perf_counter() - t0
-    oof_rows = {r["name"]: r for r in tuned.rows}
+    return tuned
 
-    # ---------------------------------------------------------------- 4. predict the held-out part
+
+def _predict(out_dir: Path, test, registry, progress: bool, say, artifacts: dict):
+    """Step 4: the held-out part through the engine with TTA: the recipe, then soft and hard votes."""
+    from .predict import predict
+
     say(f"predicting the {len(test)} held-out images with TTA {TTA!r}: members, votes and the recipe")
-    t0 = time.perf_counter()
     cache = out_dir / ".ensembler_cache" / "logits"
     common = dict(tta=TTA, cache_dir=cache, workers=0, progress=progress)
     names = [f for f, _ in ARCHS]
@@ -216,10 +244,16 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
                          **common)
     soft = predict(test, registry, members=names, vote="soft", **common)
     hard = predict(test, registry, members=names, vote="hard", **common)
-    timings["predict"] = time.perf_counter() - t0
     artifacts["submission"] = tuned_pred.submission.path
     artifacts["ledger"] = tuned_pred.submission.ledger
     artifacts["logit cache"] = cache
+    return tuned_pred, soft, hard
+
+
+def _comparison_rows(test, tuned, tuned_pred, soft, hard) -> list[dict]:
+    """One row per member, vote, tuned blend and the shipped recipe: OOF, honest and held-out scores."""
+    from .ensemble import vote
+    from .metrics import accuracy, macro_f1
 
     y = test.labels
     c = test.label_space.num_classes
@@ -227,6 +261,8 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
     def scores(pred):
         return macro_f1(y, pred, c), accuracy(y, pred)
 
+    oof_rows = {r["name"]: r for r in tuned.rows}
+    names = [f for f, _ in ARCHS]
     rows = []
     member_logits = dict(soft.member_logits)  # engine output over the held-out part (shared cache)
     ships = tuned.decision.name
@@ -258,12 +294,13 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", *, quick: bool = False, pr
                  "honest_f1": ((tuned.recipe.scores.get("honest") or {}).get("pooled") or {}).get("f1"),
                  "test_f1": f1, "test_acc": acc, "weight": None, "note": tuned.decision.reason, "ships": False})
 
-    per_class, cm = per_class_table(y, tuned_pred.pred, test.label_space.classes)
-    artifacts["confusion matrix"] = plot_confusion_matrix(
-        cm, test.label_space.classes, out_dir / "plots" / "confusion_tuned.png",
-        title=f"tuned ensemble on the held-out part (macro-F1 {f1:.3f})")
-    timings["total"] = time.perf_counter() - t_all
-    notes = [n for fam in families for n in fam.notes]
-    return DemoResult(out_dir=out_dir, rows=rows, recipe=tuned.recipe, prediction=tuned_pred, artifacts=artifacts,
-                      timings=timings, train_rows=len(train), test_rows=len(test), tta=TTA, epochs=epochs,
-                      notes=notes)
+    return rows
+
+
+def _confusion(out_dir: Path, test, pred, f1: float) -> Path:
+    """The tuned ensemble's confusion matrix on the held-out part, as a PNG."""
+    from .evaluate import per_class_table, plot_confusion_matrix
+
+    _, cm = per_class_table(test.labels, pred, test.label_space.classes)
+    return plot_confusion_matrix(cm, test.label_space.classes, out_dir / "plots" / "confusion_tuned.png",
+                                 title=f"tuned ensemble on the held-out part (macro-F1 {f1:.3f})")

@@ -207,20 +207,7 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     check_bias_metric(class_bias, metric)
     names, logits, labels, folds, info = _as_members(members, labels, folds, names)
     m, n, c = logits.shape
-    if labels is None:
-        raise LogitError("tuning needs labels: the OOF members carry none and none were given")
-    y = np.asarray(labels)
-    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
-        raise LogitError(f"labels must be {n} integers (one per OOF row), got {y.dtype} {y.shape}")
-    y = y.astype(np.int64)
-    if n == 0:
-        raise LogitError("no OOF rows to tune on")
-    if y.min() < 0 or y.max() >= c:
-        raise LogitError(f"labels outside 0..{c - 1}: the members have {c} classes")
-    if folds is not None:
-        folds = np.asarray(folds)
-        if folds.shape != (n,):
-            raise LogitError(f"folds must have one entry per OOF row ({n}), got shape {folds.shape}")
+    y, folds = _checked_labels_and_folds(labels, folds, n, c)
     classes = tuple(info[0].label_space.classes) if info and info[0].label_space is not None else tuple(
         str(i) for i in range(c))
     kw = dict(method=method, metric=metric, rounds=rounds, temperature=temperature, class_bias=class_bias,
@@ -230,22 +217,7 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
 
     # -------- baselines: members, hard vote, uniform soft vote (raw logits, nothing tuned)
     t0 = time.perf_counter()
-    rows: list[dict] = []
-    per_class: dict[str, np.ndarray] = {}
-    calib: list = []
-    for i, name in enumerate(names):
-        s = classification_scores(y, logits[i])
-        fitcal: TemperatureFit | None = calibrate(logits[i], y) if temperature else None
-        calib.append(fitcal)
-        rows.append(_row(name, "member", s, temperature=fitcal))
-        per_class[name] = per_class_f1(y, logits[i].argmax(1), c)
-    hard = vote(logits, "hard", names=names)
-    rows.append(_row("hard vote", "hard", _scores(y, hard.probs, hard.pred), tie_rate=hard.tie_rate,
-                     logloss=None))
-    soft = vote(logits, "soft", names=names)
-    soft_scores = _scores(y, soft.probs)
-    rows.append(_row("soft vote (uniform)", "soft", soft_scores))
-    per_class["soft (uniform)"] = per_class_f1(y, soft.pred, c)
+    rows, per_class, calib, hard, soft, soft_scores = _baselines(names, logits, y, temperature)
     timings["baselines_s"] = time.perf_counter() - t0
 
     # -------- in-sample tuning on every row
@@ -283,11 +255,62 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
     recipe = replace(shipped, scores=scores)
     tuned_recipe = replace(tuned_recipe, scores=dict(scores, in_sample=in_sample, honest=honest_res))
 
-    bounds = DEFAULT_T_BOUNDS
-    for i, r in enumerate(rows[:m]):
+    _annotate_member_rows(rows[:m], fit, temperature)
+    rows.extend(_tuned_rows(method, fit, in_sample, honest_res, held, len(fold_values)))
+    _attach_honest_columns(rows, candidates, decision)
+    return TuneResult(recipe=recipe, rows=rows, in_sample=in_sample, honest=honest_res, per_class_f1=per_class,
+                      calibration=calib, fit=fit, timings=timings, tuned_recipe=tuned_recipe, decision=decision,
+                      candidates=candidates, diversity=pairwise_diversity(logits, y, names))
+
+
+def _checked_labels_and_folds(labels, folds, n: int, c: int):
+    """The OOF labels as int64 in 0..c-1 and the folds as an (n,) array (or None), checked."""
+    if labels is None:
+        raise LogitError("tuning needs labels: the OOF members carry none and none were given")
+    y = np.asarray(labels)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise LogitError(f"labels must be {n} integers (one per OOF row), got {y.dtype} {y.shape}")
+    y = y.astype(np.int64)
+    if n == 0:
+        raise LogitError("no OOF rows to tune on")
+    if y.min() < 0 or y.max() >= c:
+        raise LogitError(f"labels outside 0..{c - 1}: the members have {c} classes")
+    if folds is not None:
+        folds = np.asarray(folds)
+        if folds.shape != (n,):
+            raise LogitError(f"folds must have one entry per OOF row ({n}), got shape {folds.shape}")
+    return y, folds
+
+
+def _baselines(names, logits, y, temperature: bool):
+    """Table rows of every member, the hard vote and the uniform soft vote (nothing tuned)."""
+    c = logits.shape[2]
+    rows: list[dict] = []
+    per_class: dict[str, np.ndarray] = {}
+    calib: list = []
+    for i, name in enumerate(names):
+        s = classification_scores(y, logits[i])
+        fitcal: TemperatureFit | None = calibrate(logits[i], y) if temperature else None
+        calib.append(fitcal)
+        rows.append(_row(name, "member", s, temperature=fitcal))
+        per_class[name] = per_class_f1(y, logits[i].argmax(1), c)
+    hard = vote(logits, "hard", names=names)
+    rows.append(_row("hard vote", "hard", _scores(y, hard.probs, hard.pred), tie_rate=hard.tie_rate,
+                     logloss=None))
+    soft = vote(logits, "soft", names=names)
+    soft_scores = _scores(y, soft.probs)
+    rows.append(_row("soft vote (uniform)", "soft", soft_scores))
+    per_class["soft (uniform)"] = per_class_f1(y, soft.pred, c)
+    return rows, per_class, calib, hard, soft, soft_scores
+
+
+def _annotate_member_rows(member_rows, fit: BlendFit, temperature: bool) -> None:
+    """Each member's tuned weight and temperature, with a note when it carries no signal."""
+    for i, r in enumerate(member_rows):
         r["weight"] = float(fit.weights[i])
         r["temperature"] = float(fit.temperatures[i]) if fit.stack is None else None
-        r["t_at_bound"] = bool(temperature and fit.stack is None and temperature_at_bound(fit.temperatures[i], bounds))
+        r["t_at_bound"] = bool(temperature and fit.stack is None
+                               and temperature_at_bound(fit.temperatures[i], DEFAULT_T_BOUNDS))
         notes = []
         if i in fit.no_signal:
             nll, prior = fit.no_signal[i]
@@ -297,19 +320,29 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
             notes.append(f"T at its search bound {fit.temperatures[i]:.3g}: calibrated, this member's "
                          "probabilities are near-flat (little signal)")
         r["note"] = "; ".join(notes) or None
+
+
+def _tuned_rows(method, fit: BlendFit, in_sample, honest_res, held, n_folds: int) -> list[dict]:
+    """The tuned blend's table rows: in-sample (flattered), honest, honest without class biases."""
     note = "flattered: tuned on these rows"
     if fit.stack is not None:
         note += (f"; logistic regression C={fit.stack.C:g} ({fit.stack.c_chosen_by}); weight = share of |coef|"
                  + ("" if fit.stack.converged else "; did not converge"))
-    rows.append(_row(f"tuned {method} (in-sample)", "tuned", in_sample, note=note))
-    if honest_res is not None:
-        rows.append(_row(f"tuned {method} (honest, {len(fold_values)}-fold)", "honest", honest_res["pooled"],
-                         note=f"fold mean {metric} {honest_res['mean']:.4f}"))
-        if "pooled_nobias" in held:
-            rows.append(_row(f"tuned {method}, no class biases (honest)", "honest-nobias", held["pooled_nobias"]))
-    else:
-        rows.append(_row(f"tuned {method} (honest)", "honest", {}, note="needs OOF folds (>= 2) to estimate"))
-    # Which candidate each table row shows (the in-sample tuned row is none: it is flattered).
+    rows = [_row(f"tuned {method} (in-sample)", "tuned", in_sample, note=note)]
+    if honest_res is None:
+        return rows + [_row(f"tuned {method} (honest)", "honest", {}, note="needs OOF folds (>= 2) to estimate")]
+    rows.append(_row(f"tuned {method} (honest, {n_folds}-fold)", "honest", honest_res["pooled"],
+                     note=f"fold mean {honest_res['metric']} {honest_res['mean']:.4f}"))
+    if "pooled_nobias" in held:
+        rows.append(_row(f"tuned {method}, no class biases (honest)", "honest-nobias", held["pooled_nobias"]))
+    return rows
+
+
+def _attach_honest_columns(rows, candidates, decision) -> None:
+    """Each row's fold-mean honest score, its spread, and whether it ships.
+
+    The in-sample tuned row shows no honest score: it is flattered.
+    """
     tuned_names = [cd.name for cd in candidates if cd.kind.startswith("tuned")]
     row_candidate = {"hard": "hard vote", "soft": "soft vote (uniform)", "honest": tuned_names[-1],
                      "honest-nobias": tuned_names[0]}
@@ -320,9 +353,6 @@ def tune_weights(members, labels=None, folds=None, *, names: Sequence[str] | Non
         r["honest_mean"] = float(np.mean(vals)) if vals else None
         r["honest_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
         r["ships"] = cd is not None and cd.name == decision.name
-    return TuneResult(recipe=recipe, rows=rows, in_sample=in_sample, honest=honest_res, per_class_f1=per_class,
-                      calibration=calib, fit=fit, timings=timings, tuned_recipe=tuned_recipe, decision=decision,
-                      candidates=candidates, diversity=pairwise_diversity(logits, y, names))
 
 
 def temperature_at_bound(t: float, bounds=DEFAULT_T_BOUNDS, rtol: float = 1e-3) -> bool:

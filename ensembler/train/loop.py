@@ -163,33 +163,11 @@ def run_fold(
     to_logits = to_logits or (lambda x: x)
     s = settings
 
-    history: list[EpochRecord] = []
-    best_score: float | None = None
-    best_epoch = 0
-    best_weights: dict[str, torch.Tensor] | None = None
-    best_logits: np.ndarray | None = None
-    bad_epochs = 0
-    start_epoch = 0
-    finished = False
-
-    if s.resume and s.state_path is not None and Path(s.state_path).exists():
-        state = load_state(s.state_path)
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        if scheduler is not None and state.scheduler is not None:
-            scheduler.load_state_dict(state.scheduler)
-        if scaler is not None and state.scaler is not None:
-            scaler.load_state_dict(state.scaler)
-        history = [EpochRecord(**h) for h in state.history]
-        best_score, best_epoch, bad_epochs = state.best_score, state.best_epoch, state.bad_epochs
-        best_weights, best_logits = state.best_model, state.best_val_logits
-        start_epoch, finished = state.epoch, state.finished
-        restore_rng(state.rng)
-    resumed_at = start_epoch
-
-    epoch = start_epoch
-    while not finished and epoch < s.epochs:
-        epoch += 1
+    run = _resume(s, model, optimizer, scheduler, scaler) if s.resume else _Run()
+    resumed_at = run.epoch
+    while not run.finished and run.epoch < s.epochs:
+        run.epoch += 1
+        epoch = run.epoch
         t0 = time.perf_counter()
         if train_generator is not None:
             train_generator.manual_seed(s.loader_seed + epoch)
@@ -199,58 +177,102 @@ def run_fold(
 
         train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, scheduler, scaler, s, device,
                                   normalize, cb, epoch)
-        outputs, targets = _predict(model, val_loader, s, device, normalize, cb)
-        with torch.no_grad():
-            val_loss = float(loss_fn(outputs, targets))
-            logits = to_logits(outputs).float().numpy()
-        if not (math.isfinite(val_loss) and math.isfinite(train_loss) and np.isfinite(logits).all()):
-            # Diverged weights (e.g. --lr 1e9): refused here, never recorded as NaN metrics.
-            raise EnsemblerError(
-                f"training diverged at epoch {epoch}: train loss {train_loss}, validation loss {val_loss}"
-                + ("" if np.isfinite(logits).all() else ", non-finite validation logits")
-                + "; lower --lr" + (" or drop --amp" if s.amp_dtype is not None else ""))
-        pred = logits.argmax(1)
-        y = targets.numpy()
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_f1=macro_f1(y, pred, s.num_classes),
-            val_acc=accuracy(y, pred),
-            lr=float(optimizer.param_groups[0]["lr"]),
-            seconds=time.perf_counter() - t0,
-        )
-        history.append(record)
-        score = _monitored(record, s.monitor)
-        is_best = _improved(score, best_score, s.monitor)
-        if is_best:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best_logits = logits.astype(np.float32)
-        else:
-            bad_epochs += 1
-        stop_early = s.patience is not None and bad_epochs >= s.patience
-        finished = stop_early or epoch >= s.epochs
+        record, logits = _validate(model, val_loader, loss_fn, s, device, normalize, to_logits, cb, epoch,
+                                   train_loss, float(optimizer.param_groups[0]["lr"]), t0)
+        is_best = run.record(record, logits, model, s)
         cb.on_epoch_end(record, is_best)
-
         if s.state_path is not None:
-            save_state(s.state_path, FoldState(
-                epoch=epoch, finished=finished, stopped_early=bool(stop_early and epoch < s.epochs),
-                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict() if scheduler is not None else None,
-                scaler=scaler.state_dict() if scaler is not None else None,
-                rng=capture_rng(), best_score=best_score, best_epoch=best_epoch, bad_epochs=bad_epochs,
-                best_model=best_weights, best_val_logits=best_logits,
-                history=[r.to_dict() for r in history], fold=s.fold, config=s.config,
-            ))
-            cb.on_state_saved(Path(s.state_path), epoch, list(history), best_epoch)
+            _save(s, run, model, optimizer, scheduler, scaler)
+            cb.on_state_saved(Path(s.state_path), epoch, list(run.history), run.best_epoch)
 
-    if best_weights is None:
+    if run.best_weights is None:
         raise EnsemblerError("no epoch was trained (epochs must be >= 1)")
-    stopped_early = bool(history) and history[-1].epoch < s.epochs
-    return FoldOutcome(best_epoch, float(best_score), best_weights, best_logits, history, stopped_early, resumed_at)
+    stopped_early = bool(run.history) and run.history[-1].epoch < s.epochs
+    return FoldOutcome(run.best_epoch, float(run.best_score), run.best_weights, run.best_logits, run.history,
+                       stopped_early, resumed_at)
 
+
+@dataclass
+class _Run:
+    """Where one fold's training stands: what the resume state saves and restores."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    best_logits: np.ndarray | None = None
+    bad_epochs: int = 0
+    epoch: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+
+    def record(self, record: EpochRecord, logits: np.ndarray, model, s: LoopSettings) -> bool:
+        """Add one epoch; keep its weights and logits when it is the best so far; decide to stop."""
+        self.history.append(record)
+        score = _monitored(record, s.monitor)
+        is_best = _improved(score, self.best_score, s.monitor)
+        if is_best:
+            self.best_score, self.best_epoch, self.bad_epochs = score, record.epoch, 0
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best_logits = logits.astype(np.float32)
+        else:
+            self.bad_epochs += 1
+        stop_early = s.patience is not None and self.bad_epochs >= s.patience
+        self.finished = stop_early or record.epoch >= s.epochs
+        self.stopped_early = bool(stop_early and record.epoch < s.epochs)
+        return is_best
+
+
+def _resume(s: LoopSettings, model, optimizer, scheduler, scaler) -> _Run:
+    """Restore model, optimiser, scheduler, scaler and RNG from ``s.state_path`` (fresh when absent)."""
+    if s.state_path is None or not Path(s.state_path).exists():
+        return _Run()
+    state = load_state(s.state_path)
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    if scheduler is not None and state.scheduler is not None:
+        scheduler.load_state_dict(state.scheduler)
+    if scaler is not None and state.scaler is not None:
+        scaler.load_state_dict(state.scaler)
+    restore_rng(state.rng)
+    return _Run(history=[EpochRecord(**h) for h in state.history], best_score=state.best_score,
+                best_epoch=state.best_epoch, best_weights=state.best_model, best_logits=state.best_val_logits,
+                bad_epochs=state.bad_epochs, epoch=state.epoch, finished=state.finished)
+
+
+def _save(s: LoopSettings, run: _Run, model, optimizer, scheduler, scaler) -> None:
+    """Write the full state after an epoch (atomically, see :func:`save_state`)."""
+    save_state(s.state_path, FoldState(
+        epoch=run.epoch, finished=run.finished, stopped_early=run.stopped_early,
+        model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict() if scheduler is not None else None,
+        scaler=scaler.state_dict() if scaler is not None else None,
+        rng=capture_rng(), best_score=run.best_score, best_epoch=run.best_epoch, bad_epochs=run.bad_epochs,
+        best_model=run.best_weights, best_val_logits=run.best_logits,
+        history=[r.to_dict() for r in run.history], fold=s.fold, config=s.config,
+    ))
+
+
+def _validate(model, val_loader, loss_fn, s: LoopSettings, device, normalize, to_logits, cb: Callbacks,
+              epoch: int, train_loss: float, lr: float, t0: float) -> tuple[EpochRecord, np.ndarray]:
+    """Score the validation fold; a diverged run (non-finite loss or logits) is refused here."""
+    outputs, targets = _predict(model, val_loader, s, device, normalize, cb)
+    with torch.no_grad():
+        val_loss = float(loss_fn(outputs, targets))
+        logits = to_logits(outputs).float().numpy()
+    if not (math.isfinite(val_loss) and math.isfinite(train_loss) and np.isfinite(logits).all()):
+        # Diverged weights (e.g. --lr 1e9): refused here, never recorded as NaN metrics.
+        raise EnsemblerError(
+            f"training diverged at epoch {epoch}: train loss {train_loss}, validation loss {val_loss}"
+            + ("" if np.isfinite(logits).all() else ", non-finite validation logits")
+            + "; lower --lr" + (" or drop --amp" if s.amp_dtype is not None else ""))
+    pred = logits.argmax(1)
+    y = targets.numpy()
+    record = EpochRecord(epoch=epoch, train_loss=train_loss, val_loss=val_loss,
+                         val_f1=macro_f1(y, pred, s.num_classes), val_acc=accuracy(y, pred), lr=lr,
+                         seconds=time.perf_counter() - t0)
+    return record, logits
 
 def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, s: LoopSettings, device, normalize,
                  cb: Callbacks, epoch: int) -> float:
