@@ -115,7 +115,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
             backend: str = "torch", out: str | os.PathLike | None = None, with_probs: bool = False,
             overwrite: bool = False, use_cache: bool = True, batch_size: int = 32, workers: int = 0,
             device: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-            ledger: str | os.PathLike | None = None) -> PredictionResult:
+            ledger: str | os.PathLike | None = None, executor=None) -> PredictionResult:
     """Run registry members over a table, combine them, and optionally write a submission.
 
     Parameters
@@ -150,8 +150,8 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
         Add ``prob_<class>`` columns (not for the mask-eval layout, whose format is fixed).
     use_cache : bool
         Reuse cached logits (``False`` forces a forward pass).
-    batch_size, workers, device, cache_dir, progress
-        Passed to the engine.
+    batch_size, workers, device, cache_dir, progress, executor
+        Passed to the engine (``executor``: ``"ray"`` or a RayExecutor shards rows across Ray actors).
     ledger : path, optional
         Default ``<folder of out>/ledger.jsonl``.
 
@@ -258,7 +258,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
         outs[(spec, rule_m)] = predict_members(table, group_atoms, registry, tta=runs[members_g[0]][0], merge=rule_m,
                                                backend=backend, batch_size=batch_size, workers=workers,
                                                device=device, cache_dir=cache_dir, use_cache=use_cache,
-                                               progress=progress)
+                                               progress=progress, executor=executor)
     engine_out = _engine_out(outs)
     # Each member's own engine output (its plan's), keyed by the names its parts have.
     own = {s: outs[(runs[s][0].spec, runs[s][1])] for s in specs}

@@ -173,3 +173,15 @@ def executor_from_args(args, unit: str = "fold"):
     return RayExecutor(args.ray_address, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task or 1,
                        max_retries=1 if args.max_retries is None else args.max_retries,
                        workers=getattr(args, "ray_workers", None), unit=unit)
+
+
+@contextlib.contextmanager
+def executor_for(args, unit: str = "worker"):
+    """The executor of :func:`executor_from_args`, closed (a Ray instance started for the run
+    stopped) when the command is done."""
+    ex = executor_from_args(args, unit=unit)
+    try:
+        yield ex
+    finally:
+        if not isinstance(ex, str):
+            ex.close()

@@ -9,7 +9,8 @@ and print; the work is :mod:`ensembler.infer` (``export_onnx``, ``predict_member
 from __future__ import annotations
 
 from ..errors import EnsemblerError
-from ._common import add_data_args, add_engine_args, add_registry_arg, console, default_workers
+from ._common import (add_data_args, add_engine_args, add_executor_args, add_registry_arg, console, default_workers,
+                      executor_for)
 
 
 def register(sub) -> None:
@@ -39,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="PATH",
                    help="output .npz, every member's logits side by side (its .json sidecar is written beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its sidecar)")
+    add_executor_args(p.add_argument_group("where it runs (rows sharded across Ray workers)"), unit="worker")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(
@@ -59,6 +61,7 @@ def register(sub) -> None:
     p.add_argument("--all-merges", action="store_true",
                    help="also score every merge rule on the same per-view logits (no extra forward)")
     add_engine_args(p, views=False, amp=True)
+    add_executor_args(p.add_argument_group("where it runs (rows sharded across Ray workers)"), unit="worker")
     p.set_defaults(func=cmd_tta_report)
 
 
@@ -89,11 +92,12 @@ def cmd_infer(args) -> int:
     refuse_existing([args.out, sidecar_path(args.out)], overwrite=args.overwrite)  # before any forward
     table = load_source_from_args(args)
     workers = default_workers() if args.workers is None else args.workers
-    results = predict_members(
-        table, args.members, Registry(args.registry), tta=args.tta, merge=args.merge, backend=args.backend,
-        batch_size=args.batch_size, workers=workers, device=args.device, cache_dir=args.cache_dir,
-        use_cache=args.use_cache, amp=False if args.amp == "off" else args.amp, compile=args.compile,
-        progress=True)
+    with executor_for(args) as executor:
+        results = predict_members(
+            table, args.members, Registry(args.registry), tta=args.tta, merge=args.merge, backend=args.backend,
+            batch_size=args.batch_size, workers=workers, device=args.device, cache_dir=args.cache_dir,
+            use_cache=args.use_cache, amp=False if args.amp == "off" else args.amp, compile=args.compile,
+            progress=True, executor=executor)
     path = write_logits(args.out, results)
 
     t = Table(title=f"member logits over {len(table)} images · TTA {next(iter(results.values())).meta['tta']}")
@@ -128,11 +132,12 @@ def cmd_tta_report(args) -> int:
 
     table = load_source_from_args(args)
     workers = default_workers() if args.workers is None else args.workers
-    rep = tta_report(
-        table, args.family, Registry(args.registry), tta=args.tta, merge=args.merge, all_merges=args.all_merges,
-        backend=args.backend, batch_size=args.batch_size, workers=workers, device=args.device,
-        cache_dir=args.cache_dir, use_cache=args.use_cache, amp=False if args.amp == "off" else args.amp,
-        progress=True)
+    with executor_for(args) as executor:
+        rep = tta_report(
+            table, args.family, Registry(args.registry), tta=args.tta, merge=args.merge, all_merges=args.all_merges,
+            backend=args.backend, batch_size=args.batch_size, workers=workers, device=args.device,
+            cache_dir=args.cache_dir, use_cache=args.use_cache, amp=False if args.amp == "off" else args.amp,
+            progress=True, executor=executor)
 
     t = Table(title=f"TTA on out-of-fold data · family {escape(rep.family)} · {len(rep.ids)} rows · "
                     f"plan {escape(rep.tta)} ({len(rep.views)} views)")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from .._io import refuse_existing
 from ..errors import EnsemblerError
 from ..names import F1_LABEL_RULES, PREDICT_BACKENDS, VOTE_RULES
-from ._common import (add_data_args, add_engine_args, add_registry_arg, console, default_workers, err_console,
-                      parse_float_list, printed_warnings)
+from ._common import (add_data_args, add_engine_args, add_executor_args, add_registry_arg, console, default_workers,
+                      err_console, executor_for, parse_float_list, printed_warnings)
 
 
 def register(sub) -> None:
@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="CSV", help="submission file, e.g. submissions/soft.csv")
     p.add_argument("--probs", action="store_true", help="add prob_<class> columns (not for the mask eval layout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission with different content")
+    add_executor_args(p.add_argument_group("where it runs (rows sharded across Ray workers)"), unit="worker")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -98,13 +99,15 @@ def cmd_predict(args) -> int:
         err_console().print("[yellow]note:[/] --probs is ignored for mask eval data: its submission format is "
                             "info.csv with 'ans' filled")
     if args.model is not None:
+        if args.executor != "local":
+            raise EnsemblerError("--executor ray does not apply to --backend onnx-ensemble (one ONNX session here)")
         return _predict_onnx_ensemble(args, table)
-    with printed_warnings():  # e.g. a torn last ledger line moved aside
+    with printed_warnings(), executor_for(args) as executor:  # e.g. a torn last ledger line moved aside
         res = predict(table, args.registry, members=args.members, vote=args.vote, weights=weights,
                       recipe=args.recipe, tta=args.tta, merge=args.merge, backend=args.backend, out=args.out,
                       with_probs=args.probs, overwrite=args.overwrite, use_cache=args.use_cache,
                       batch_size=args.batch_size, workers=default_workers() if args.workers is None else args.workers,
-                      device=args.device, cache_dir=args.cache_dir, progress=True)
+                      device=args.device, cache_dir=args.cache_dir, progress=True, executor=executor)
     sub = res.submission
     con = console()
     t = Table(title=f"predict · {len(res.ids)} images · vote {res.vote} · TTA {res.inputs['tta']} "

@@ -9,7 +9,8 @@ a Ray run and a local run give the same numbers. Two shapes of work:
   ``report(event)`` sends a progress event (a dict) to the driver as it happens;
 - **shards** (:meth:`Executor.map_shards`): one worker object per process built once
   (``worker_cls(*init_args)``: it loads its checkpoints once), called on each shard of rows;
-  results come back in shard order.
+  results come back in shard order. :meth:`Executor.run_rows` cuts a table into such shards
+  (locally: one shard, every row; on Ray: contiguous runs of whole batches) for inference.
 
 The local executor runs everything in this process, one after the other. Ray lives in
 :mod:`ensembler.executors.ray_executor` and is imported only when a Ray executor is built.
@@ -113,3 +114,9 @@ class LocalExecutor(Executor):
             if on_done is not None:
                 on_done(i, out[-1])
         return out
+
+    def run_rows(self, worker_cls, init_args: tuple, table, *, batch_size: int, advance=None) -> list:
+        """``worker_cls(*init_args).run(rows, advance)`` over ``table``'s rows; the results of
+        each shard of rows, in row order. Locally one shard: every row, in this process
+        (``advance(n)`` after each batch)."""
+        return [worker_cls(*init_args).run(table, advance)]

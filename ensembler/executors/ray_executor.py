@@ -216,6 +216,16 @@ class RayExecutor(Executor):
             n = int(self.cluster_cpus // max(self.cpus, 1))
         return max(1, min(n, shards))
 
+    def run_rows(self, worker_cls, init_args, table, *, batch_size: int, advance=None) -> list:
+        """``table``'s rows cut into contiguous shards of whole batches (each shard's batches are
+        the local run's, so the numbers are too), run by actors that each build
+        ``worker_cls(*init_args)`` once; shard results in row order. ``advance(n)`` as each
+        shard of ``n`` rows is done."""
+        shards = row_shards(len(table), batch_size, self.actor_count(-(-len(table) // max(batch_size, 1))))
+        subs = [table.subset(rows) for rows in shards]
+        done = None if advance is None else (lambda i, _result: advance(len(subs[i])))
+        return self.map_shards(worker_cls, init_args, [(sub,) for sub in subs], on_done=done)
+
     def map_shards(self, worker_cls, init_args, shards, *, on_done=None) -> list:
         import ray
 
@@ -223,8 +233,8 @@ class RayExecutor(Executor):
         if not shards:
             return []
         actor_cls = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=self.max_retries,
-                               max_task_retries=self.max_retries)(worker_cls)
-        actors = [actor_cls.remote(*init_args) for _ in range(self.actor_count(len(shards)))]
+                               max_task_retries=self.max_retries)(ShardActor)
+        actors = [actor_cls.remote(worker_cls, init_args) for _ in range(self.actor_count(len(shards)))]
         results: list = [None] * len(shards)
         todo = list(range(len(shards)))
         running: dict[Any, tuple[int, Any]] = {}
@@ -256,7 +266,39 @@ class RayExecutor(Executor):
         return results
 
 
+def row_shards(rows: int, batch_size: int, workers: int, per_worker: int = 2) -> list[range]:
+    """Contiguous row ranges of whole batches: about ``per_worker`` shards per worker (a worker
+    that finishes early takes the next), never more shards than batches.
+
+    Examples
+    --------
+    >>> row_shards(10, 4, 2)
+    [range(0, 4), range(4, 8), range(8, 10)]
+    >>> row_shards(100, 32, 1, per_worker=1)
+    [range(0, 100)]
+    """
+    batch_size = max(int(batch_size), 1)
+    batches = -(-rows // batch_size)
+    pieces = max(1, min(batches, workers * per_worker))
+    cuts = [round(i * batches / pieces) * batch_size for i in range(pieces + 1)]
+    return [range(lo, min(hi, rows)) for lo, hi in zip(cuts, cuts[1:]) if lo < min(hi, rows)]
+
+
 # ---------------------------------------------------------------------------- worker side
+class ShardActor:
+    """Ray actor holding one ``worker_cls(*init_args)``, built on its first shard: an error while
+    it loads (a modified checkpoint) then reaches the driver whole, as a task error, where Ray
+    would turn an error of the actor's own creation into an ``ActorDiedError`` string."""
+
+    def __init__(self, worker_cls, init_args: tuple):
+        self.make, self.worker = (worker_cls, tuple(init_args)), None
+
+    def run(self, *shard):
+        if self.worker is None:
+            self.worker = self.make[0](*self.make[1])
+        return self.worker.run(*shard)
+
+
 class EventSink:
     """Ray actor: progress events of every task, drained by the driver."""
 

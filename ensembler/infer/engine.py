@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..device import resolve_device
-from ..errors import DataError, EnsemblerError, ImageDecodeError, LogitError
+from ..errors import DataError, EnsemblerError, LogitError
+from ..executors import run_rows, workers_device
 from ..logits import Logits
 from ..names import BACKENDS
 from ..progress import Ticker
+from .decode import make_decode_loader, raise_decode_errors
 from .store import LogitStore, default_cache_dir
 from .tta import check_merge, default_chunk_size, forward_chunked, merge_views
 from .views import build_views, parse_tta
@@ -41,50 +43,8 @@ from .views import build_views, parse_tta
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["BACKENDS", "TorchForward", "check_run_args", "checkpoint_view_logits",
+__all__ = ["BACKENDS", "GroupWorker", "TorchForward", "ViewWorker", "check_run_args", "checkpoint_view_logits",
            "load_forward", "make_decode_loader", "predict_members", "raise_decode_errors", "resolve_precision"]
-
-
-# ---------------------------------------------------------------------------- decoding
-class _DecodeDataset:
-    """Decodes each image once and applies the group's geometry; errors travel as data.
-
-    A decode error inside a worker process is returned, not raised, because the DataLoader
-    re-raises worker exceptions as a generic RuntimeError that loses the file name.
-    """
-
-    def __init__(self, paths: Sequence[str], transform, size: tuple[int, int]):
-        self.paths = [str(p) for p in paths]
-        self.transform = transform
-        self.size = tuple(size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        import torch
-
-        from ..data import decode_image
-
-        try:
-            img = self.transform(decode_image(self.paths[i]))
-            return i, img, ""
-        except ImageDecodeError as exc:
-            err = f"{exc.path}\0{exc.reason}"
-        except Exception as exc:  # noqa: BLE001 - any failure on one file names that file
-            err = f"{self.paths[i]}\0{type(exc).__name__}: {exc}"
-        return i, torch.zeros((3, *self.size), dtype=torch.uint8), err
-
-
-def make_decode_loader(paths, pre, batch_size: int, workers: int, pin: bool):
-    """A DataLoader yielding ``(index, uint8 images (B, 3, H, W), errors)`` for ``paths``: each image
-    decoded once with ``pre``'s resize/centre crop; a decode failure travels as ``path\0reason``
-    in ``errors`` (see :func:`raise_decode_errors`)."""
-    from torch.utils.data import DataLoader
-
-    ds = _DecodeDataset(paths, pre.geometry_transform(), pre.input_size)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
-                      drop_last=False, prefetch_factor=2 if workers > 0 else None)
 
 
 # ---------------------------------------------------------------------------- forwards
@@ -182,8 +142,8 @@ def _views_joint_merged(forward, x, plan, merge, entry, label_space, resize_to, 
 def predict_members(table, entries_or_names="all", registry=None, *, tta="none", merge: str = "mean-logits",
                     backend: str = "torch", batch_size: int = 32, workers: int = 0, device=None,
                     cache_dir=None, use_cache: bool = True, amp="auto", compile: bool = False,
-                    progress: bool = True, chunk_size: int | None = None,
-                    onnx_threads: int | None = None) -> dict[str, Logits]:  # noqa: A002 - compile
+                    progress: bool = True, chunk_size: int | None = None, onnx_threads: int | None = None,
+                    executor=None) -> dict[str, Logits]:  # noqa: A002 - compile
     """Logits of registry members over a SampleTable, with TTA, per-member preprocessing and caching.
 
     Parameters
@@ -226,6 +186,11 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
         (see :func:`ensembler.infer.tta.default_chunk_size`).
     onnx_threads : int, optional
         onnxruntime intra-op threads (default ``torch.get_num_threads()``).
+    executor : Executor, "local" or "ray", optional
+        Where each geometry group runs (:class:`GroupWorker`): this process (default), or Ray
+        actors that each load the group's checkpoints once and run shards of rows, gathered
+        in row order (see :meth:`ensembler.executors.RayExecutor.run_rows`). The cache is
+        written here, once every shard is done.
 
     Returns
     -------
@@ -290,8 +255,9 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
         with Ticker("inference", total=len(ids) * len(groups), unit="images", enabled=progress) as tick:
             advance = tick.advance
             for group in groups.values():
-                computed = _run_group(table, group, registry, plan=plan, merge=merge, backend=backend,
-                                      batch_size=int(batch_size), workers=int(workers), device=dev,
+                computed = _run_group(table, group, registry, executor, plan=plan, merge=merge, backend=backend,
+                                      batch_size=int(batch_size), workers=int(workers),
+                                      device=workers_device(executor, device, dev),
                                       precision=precision, compile=compile, chunk_size=chunk_size,
                                       onnx_threads=onnx_threads, advance=advance, timings=timings)
                 # Cache only now: every checkpoint of the group has seen every image.
@@ -345,7 +311,7 @@ def load_forward(registry, entry, *, backend, device, precision="fp32", compile=
 def checkpoint_view_logits(table, entry, registry, plans: Sequence, *, backend: str = "torch",
                            batch_size: int = 32, workers: int = 0, device=None, precision: str = "fp32",
                            chunk_size: int | None = None, onnx_threads: int | None = None,
-                           advance=None) -> np.ndarray:
+                           advance=None, executor=None) -> np.ndarray:
     """Per-view joint logits ``(N, V, C)`` of one checkpoint over ``table``'s rows, views unmerged.
 
     The engine's path for one checkpoint: one decode per image (over the checkpoint's
@@ -353,79 +319,119 @@ def checkpoint_view_logits(table, entry, registry, plans: Sequence, *, backend: 
     joint logits per view (factored heads: joint log-probabilities). ``plans`` are run one
     after the other on each batch, and their views concatenated in order along axis 1 (the
     OOF TTA report appends an identity plan when the judged plan has no identity view).
-    ``advance(n)`` is called after every batch of ``n`` images.
+    ``advance(n)`` is called as ``n`` more images are done. ``executor`` (an
+    :class:`~ensembler.executors.Executor`, ``"local"`` or ``"ray"``) decides where
+    :class:`ViewWorker` runs: in this process over every row, or on Ray workers over shards of rows.
 
     Raises
     ------
     ImageDecodeError
         A corrupt image, named.
     """
-    import torch
-
-    dev = resolve_device(device)
-    plans = [parse_tta(p) for p in plans]
-    fwd = load_forward(registry, entry, backend=backend, device=dev, precision=precision,
-                       onnx_threads=onnx_threads)
-    resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
-    loader = make_decode_loader(list(table.paths), entry.pre, batch_size, workers, pin=dev.type == "cuda")
-    chunks = [chunk_size if chunk_size is not None else default_chunk_size(dev)] * len(plans)
-    outs = []
-    with torch.inference_mode():
-        for _, images, errors in loader:
-            raise_decode_errors(errors)
-            x = entry.pre.normalize(images.to(dev, non_blocking=True))
-            joint = []
-            for i, plan in enumerate(plans):
-                views, chunks[i] = _views_joint(fwd, x, plan, entry, entry.labels, resize_to, chunks[i])
-                joint.append(views)
-            outs.append(torch.cat(joint, dim=1).float().cpu().numpy())
-            if advance is not None:
-                advance(len(images))
-    return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+    settings = dict(plans=[parse_tta(p) for p in plans], backend=backend, batch_size=int(batch_size),
+                    workers=int(workers), device=device, precision=precision, chunk_size=chunk_size,
+                    onnx_threads=onnx_threads)
+    parts = run_rows(executor, ViewWorker, (registry, entry, settings), table, batch_size=int(batch_size),
+                     advance=advance)
+    return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
 
 
-def raise_decode_errors(errors) -> None:
-    """Loader workers return decode failures as data (``path\0reason``): raise the first,
-    naming the file (a DataLoader would otherwise wrap it and lose the name)."""
-    bad = [err for err in errors if err]
-    if bad:
-        path, _, reason = bad[0].partition("\0")
-        raise ImageDecodeError(path, reason)
+class ViewWorker:
+    """One checkpoint loaded once, run over some rows with every view of some plans (unmerged).
 
+    What :func:`checkpoint_view_logits` runs under every executor: the local engine builds one
+    and runs it over every row; on Ray each actor builds one and runs it over its shards.
+    ``settings`` as :func:`checkpoint_view_logits`'s (``plans`` parsed).
+    """
 
-def _run_group(table, group, registry, *, plan, merge, backend, batch_size, workers, device, precision,
-               compile, chunk_size, onnx_threads, advance, timings) -> dict[str, np.ndarray]:
-    """One decode pass over the table for checkpoints sharing a geometry; returns logits per checkpoint."""
-    import torch
+    def __init__(self, registry, entry, settings: dict):
+        self.entry, self.s = entry, settings
+        self.device = resolve_device(settings["device"])
+        self.forward = load_forward(registry, entry, backend=settings["backend"], device=self.device,
+                                    precision=settings["precision"], onnx_threads=settings["onnx_threads"])
+        self.chunks = [settings["chunk_size"] or default_chunk_size(self.device)] * len(settings["plans"])
 
-    forwards = []
-    for e in group:
-        fwd = load_forward(registry, e, backend=backend, device=device, precision=precision, compile=compile,
-                           onnx_threads=onnx_threads)
+    def run(self, table, advance=None) -> np.ndarray:
+        """``(rows, V, C)`` per-view joint logits over ``table``'s rows, in row order."""
+        import torch
+
+        e, dev = self.entry, self.device
         resize_to = e.pre.input_size if e.pre.fixed_input_size else None
-        forwards.append([e, fwd, resize_to, chunk_size if chunk_size is not None else default_chunk_size(device)])
+        loader = make_decode_loader(list(table.paths), e.pre, self.s["batch_size"], self.s["workers"],
+                                    pin=dev.type == "cuda")
+        outs = []
+        with torch.inference_mode():
+            for _, images, errors in loader:
+                raise_decode_errors(errors)
+                x = e.pre.normalize(images.to(dev, non_blocking=True))
+                joint = []
+                for i, plan in enumerate(self.s["plans"]):
+                    views, self.chunks[i] = _views_joint(self.forward, x, plan, e, e.labels, resize_to, self.chunks[i])
+                    joint.append(views)
+                outs.append(torch.cat(joint, dim=1).float().cpu().numpy())
+                if advance is not None:
+                    advance(len(images))
+        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
-    pre = group[0].pre
-    loader = make_decode_loader(list(table.paths), pre, batch_size, workers, pin=device.type == "cuda")
-    outs: dict[str, list] = {e.id: [] for e in group}
-    with torch.inference_mode():
-        for _, images, errors in loader:
-            raise_decode_errors(errors)
-            x = images.to(device, non_blocking=True)
-            for slot in forwards:
-                e, fwd, resize_to, chunk = slot
-                t0 = time.perf_counter()
-                merged, slot[3] = _views_joint_merged(fwd, e.pre.normalize(x), plan, merge, e, e.labels,
-                                                      resize_to, chunk)
-                outs[e.id].append(merged.cpu().numpy())
-                timings[e.id] = timings.get(e.id, 0.0) + time.perf_counter() - t0
-            advance(len(images))
+
+class GroupWorker:
+    """The checkpoints of one geometry group, loaded once, run over some rows: one decode per
+    image, each checkpoint's views merged.
+
+    What :func:`predict_members` runs under every executor: the local engine builds one per
+    group and runs it over every row; on Ray each actor builds one and runs it over its shards.
+    ``settings``: ``plan``, ``merge``, ``backend``, ``batch_size``, ``workers``, ``device``,
+    ``precision``, ``compile``, ``chunk_size``, ``onnx_threads``.
+    """
+
+    def __init__(self, registry, group, settings: dict):
+        self.group, self.s = list(group), settings
+        self.device = resolve_device(settings["device"])
+        self.forwards = []
+        for e in self.group:
+            fwd = load_forward(registry, e, backend=settings["backend"], device=self.device,
+                               precision=settings["precision"], compile=settings["compile"],
+                               onnx_threads=settings["onnx_threads"])
+            resize_to = e.pre.input_size if e.pre.fixed_input_size else None
+            self.forwards.append([e, fwd, resize_to, settings["chunk_size"] or default_chunk_size(self.device)])
+
+    def run(self, table, advance=None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """``({checkpoint id: (rows, C) merged logits}, {checkpoint id: forward seconds})`` over ``table``."""
+        import torch
+
+        s, device = self.s, self.device
+        loader = make_decode_loader(list(table.paths), self.group[0].pre, s["batch_size"], s["workers"],
+                                    pin=device.type == "cuda")
+        outs: dict[str, list] = {e.id: [] for e in self.group}
+        timings = {e.id: 0.0 for e in self.group}
+        with torch.inference_mode():
+            for _, images, errors in loader:
+                raise_decode_errors(errors)
+                x = images.to(device, non_blocking=True)
+                for slot in self.forwards:
+                    e, fwd, resize_to, chunk = slot
+                    t0 = time.perf_counter()
+                    merged, slot[3] = _views_joint_merged(fwd, e.pre.normalize(x), s["plan"], s["merge"], e,
+                                                          e.labels, resize_to, chunk)
+                    outs[e.id].append(merged.cpu().numpy())
+                    timings[e.id] += time.perf_counter() - t0
+                if advance is not None:
+                    advance(len(images))
+        return {k: np.concatenate(v, axis=0).astype(np.float32, copy=False) for k, v in outs.items()}, timings
+
+
+def _run_group(table, group, registry, executor, *, advance, timings, **settings) -> dict[str, np.ndarray]:
+    """One decode pass over the table for checkpoints sharing a geometry (a :class:`GroupWorker`
+    per executor worker, over shards of rows gathered in row order); logits per checkpoint."""
+    parts = run_rows(executor, GroupWorker, (registry, group, settings), table, batch_size=settings["batch_size"],
+                     advance=advance)
     result = {}
     for e in group:
-        logits = np.concatenate(outs[e.id], axis=0).astype(np.float32, copy=False)
+        logits = np.concatenate([p[0][e.id] for p in parts], axis=0)
         if not np.isfinite(logits).all():
             rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
             raise LogitError(f"checkpoint {e.id!r} produced non-finite logits for id "
                              f"{table.ids[rows[0]]!r} ({len(rows)} rows); nothing was cached")
         result[e.id] = logits
+        timings[e.id] = timings.get(e.id, 0.0) + sum(p[1][e.id] for p in parts)
     return result

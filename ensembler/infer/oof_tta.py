@@ -37,6 +37,7 @@ import numpy as np
 
 from ..device import resolve_device
 from ..errors import EnsemblerError, LogitError, RegistryError
+from ..executors import workers_device
 from ..logits import Logits, few, read_logits, write_logits
 from ..metrics import classification_scores
 from ..progress import Ticker
@@ -196,7 +197,7 @@ def oof_tta_filename(family: str, tta: str, merge: str = "mean-logits") -> str:
 def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "mean-logits",
                all_merges: bool = False, backend: str = "torch", batch_size: int = 32, workers: int = 0,
                device=None, cache_dir=None, use_cache: bool = True, amp="auto", chunk_size: int | None = None,
-               onnx_threads: int | None = None, progress: bool = True) -> TTAReport:
+               onnx_threads: int | None = None, progress: bool = True, executor=None) -> TTAReport:
     """Score a TTA plan on a family's out-of-fold rows, view by view, and write its OOF-TTA logits.
 
     Parameters
@@ -233,6 +234,9 @@ def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "m
         onnxruntime intra-op threads.
     progress : bool
         Show a rich progress bar over images.
+    executor : Executor, "local" or "ray", optional
+        Where each fold checkpoint runs over its rows: this process (default), or Ray actors
+        over shards of its rows (as :func:`~ensembler.infer.predict_members`).
 
     Returns
     -------
@@ -271,7 +275,8 @@ def tta_report(table, family: str, registry=None, *, tta="flip", merge: str = "m
     dev = resolve_device(device)
     run = _ViewRun(plan=plan, extra_identity=identity_at is None, backend=backend, batch_size=int(batch_size),
                    workers=int(workers), device=dev, precision=resolve_precision(amp, dev, backend),
-                   chunk_size=chunk_size, onnx_threads=onnx_threads)
+                   chunk_size=chunk_size, onnx_threads=onnx_threads, executor=executor,
+                   worker_device=workers_device(executor, device, dev))
     store = LogitStore(cache_dir if cache_dir is not None else default_cache_dir(registry.root))
     t0 = time.perf_counter()
     view_logits, cached_folds, rows_per_fold = _oof_view_logits(table, position, oof, by_fold, registry, family,
@@ -317,6 +322,8 @@ class _ViewRun:
     precision: str
     chunk_size: int | None
     onnx_threads: int | None
+    executor: Any = None
+    worker_device: Any = None
 
     @property
     def plans(self) -> list:
@@ -401,8 +408,9 @@ def _oof_view_logits(table, position, oof: Logits, by_fold, registry, family: st
         advance = tick.advance
         for fold, e, rows, sub, key in todo:
             out = checkpoint_view_logits(sub, e, registry, run.plans, backend=run.backend, batch_size=run.batch_size,
-                                         workers=run.workers, device=run.device, precision=run.precision,
-                                         chunk_size=run.chunk_size, onnx_threads=run.onnx_threads, advance=advance)
+                                         workers=run.workers, device=run.worker_device, precision=run.precision,
+                                         chunk_size=run.chunk_size, onnx_threads=run.onnx_threads, advance=advance,
+                                         executor=run.executor)
             if out.shape != (len(rows), run.views, c):
                 raise LogitError(f"checkpoint {e.id!r} gave per-view logits of shape {out.shape}, expected "
                                  f"{(len(rows), run.views, c)}")
