@@ -133,7 +133,7 @@ class LabelSpace:
         for f in self.factors:
             if f.name == name:
                 return f
-        raise KeyError(f"no factor named {name!r}; factors are {[f.name for f in self.factors]}")
+        raise ParameterError("name", f"no factor named {name!r}; factors are {[f.name for f in self.factors]}")
 
     def factor_space(self, name: str) -> "LabelSpace":
         """The flat LabelSpace of one factor (what a per-factor model such as an age-only model predicts)."""
@@ -153,9 +153,9 @@ class LabelSpace:
         order = [f.name for f in self.factors]
         unknown = [n for n in names if n not in order]
         if unknown or not names:
-            raise KeyError(f"no factor(s) named {unknown or list(names)}; factors are {order}")
+            raise ParameterError("names", f"no factor(s) named {unknown or list(names)}; factors are {order}")
         if len(set(names)) != len(names):
-            raise KeyError(f"a factor is named twice in {list(names)}")
+            raise ParameterError("names", f"a factor is named twice in {list(names)}")
         ordered = sorted(names, key=order.index)
         if len(ordered) == 1:
             return self.factor_space(ordered[0])

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ._io import refuse_existing
-from .errors import DataError, EnsemblerError, LogitError
+from .errors import DataError, EnsemblerError, LogitError, ParameterError
 from .labels import LabelSpace
 from .age_bands import check_age_bands, member_age_bands  # noqa: F401
 from .names import COMPOSE_SEP
@@ -184,7 +184,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
     if isinstance(recipe, (str, os.PathLike)):
         recipe = Recipe.load(recipe)
     if recipe is None and vote not in VOTE_RULES:
-        raise EnsemblerError(f"--vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
+        raise ParameterError("vote", f"vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
     if out is not None:
         out = Path(out)
         # Before any forward: an existing submission is kept unless --overwrite (the one rule
@@ -199,7 +199,7 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
 
     if recipe is not None:
         if weights is not None:
-            raise EnsemblerError("--weights cannot be combined with --recipe (the recipe holds the weights)")
+            raise ParameterError("weights", "weights cannot be combined with a recipe (the recipe holds the weights)")
         specs = [m.name for m in recipe.active_members]
         parts_of = {m.name: list(m.parts) for m in recipe.active_members}
         source_of = {m.name: m.source for m in recipe.active_members}
@@ -365,7 +365,7 @@ def _check_vote_weights(rule: str, weights, specs: Sequence[str]) -> np.ndarray 
 
     if weights is None:
         if rule == "weighted":
-            raise EnsemblerError("--vote weighted needs --weights (one per member) or a --recipe")
+            raise ParameterError("weights", "weights (one per member) or a recipe are needed by vote 'weighted'")
         return None
     return check_weights(weights, len(specs), specs)  # ParameterError naming weights
 

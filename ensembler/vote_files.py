@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from ._io import refuse_existing, sha256_file
-from .errors import DataError, EnsemblerError
+from .errors import DataError, EnsemblerError, ParameterError
 from .labels import LabelSpace
 
 __all__ = ["SubmissionFile", "VoteFilesResult", "TIE_BREAKS", "read_submission_file", "top_scored_files",
@@ -229,7 +229,7 @@ def top_scored_files(ledger, n: int, board: str = "public", among: Sequence = ()
         scores = {k: v for k, v in scores.items() if k in wanted}
     rows = [(Path(k), v[board]) for k, v in scores.items() if v.get(board) is not None]
     if len(rows) < n:
-        raise EnsemblerError(f"--top {n}: the ledger {ledger} has {board} scores for {len(rows)} file(s)"
+        raise ParameterError("top", f"top {n}: the ledger {ledger} has {board} scores for {len(rows)} file(s)"
                              + (" among those given" if among else "")
                              + "; record them with `ensembler ledger score FILE SCORE`")
     rows.sort(key=lambda kv: -kv[1])  # stable: equal scores keep the ledger's order
@@ -273,9 +273,10 @@ def vote_files(paths: Sequence = (), *, vote: str = "hard", weights: Sequence[fl
     from .ensemble import vote as vote_fn
 
     if vote not in FILE_VOTES:
-        raise EnsemblerError(f"--vote must be one of {', '.join(FILE_VOTES)} for submission files, got {vote!r}")
+        raise ParameterError("vote",
+                             f"vote must be one of {', '.join(FILE_VOTES)} for submission files, got {vote!r}")
     if tie_break not in TIE_BREAKS:
-        raise EnsemblerError(f"--tie-break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
+        raise ParameterError("tie_break", f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
     if out is not None:
         refuse_existing(out, overwrite=overwrite)  # the one --out rule, before any file is read
     ledger_path = Path(ledger) if ledger is not None else (Path(out).parent if out else Path("submissions")) / \
@@ -283,7 +284,7 @@ def vote_files(paths: Sequence = (), *, vote: str = "hard", weights: Sequence[fl
     scores: dict = {}
     if top is not None:
         if top < 1:
-            raise EnsemblerError(f"--top must be at least 1, got {top}")
+            raise ParameterError("top", f"top must be at least 1, got {top}")
         picked = top_scored_files(ledger_path, top, board, among=paths)
         paths = [p for p, _ in picked]
         scores = {str(p): s for p, s in picked}
@@ -299,7 +300,7 @@ def vote_files(paths: Sequence = (), *, vote: str = "hard", weights: Sequence[fl
     try:
         w = check_weights(weights, len(files), names)
     except ValueError as exc:
-        raise EnsemblerError(f"--weights: {exc}") from None
+        raise ParameterError("weights", f"weights: {exc}") from None
     c = space.num_classes
     member_pred = np.stack([f.labels[t] for f, t in zip(files, take)])
     if vote == "hard":
@@ -308,7 +309,7 @@ def vote_files(paths: Sequence = (), *, vote: str = "hard", weights: Sequence[fl
     else:
         lacking = [str(f.path) for f in files if f.probs is None]
         if lacking:
-            raise EnsemblerError(f"--vote soft needs prob_<class> columns (`predict --probs`); {lacking[0]} has none")
+            raise ParameterError("vote", f"vote 'soft' needs prob_<class> columns (`predict --probs`); {lacking[0]} has none")
         probs = np.stack([f.probs[t] for f, t in zip(files, take)])
         if probs.shape[2] != c:
             raise DataError(f"prob_ columns give {probs.shape[2]} classes, the labels {c}")

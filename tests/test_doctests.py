@@ -27,6 +27,7 @@ DOCTEST_MODULES = (
     "ensembler.ensemble.tuning",
     "ensembler.ensemble.tune_run",
     "ensembler.predict",
+    "ensembler.cli",
 )
 
 

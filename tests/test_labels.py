@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensembler.errors import DataError
+from ensembler.errors import DataError, ParameterError
 from ensembler.labels import (
     Factor,
     LabelSpace,
@@ -37,8 +37,10 @@ def test_roundtrip_dict_and_factor_space():
     assert again == ls and again.meta["age_bands"] == [29, 58]
     age = ls.factor_space("age")
     assert age.classes == ("young", "middle", "old") and age.meta["factor"] == "age"
-    with pytest.raises(KeyError, match="no factor named 'hair'"):
+    with pytest.raises(ParameterError, match="no factor named 'hair'; factors are"):
         ls.factor("hair")
+    with pytest.raises(ParameterError, match="a factor is named twice"):
+        ls.factors_space(["age", "age"])
 
 
 def test_index_accepts_names_and_ints_and_names_unknown():

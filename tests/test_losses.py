@@ -109,14 +109,14 @@ def test_factor_targets_match_label_space():
         np.testing.assert_array_equal(got.numpy(), exp)
 
 
-def test_bad_loss_options_name_the_flag():
-    with pytest.raises(EnsemblerError, match="--loss-weights"):
+def test_bad_loss_options_name_the_parameter():
+    with pytest.raises(EnsemblerError, match="loss 'mix' needs weights"):
         TrainLoss("mix")
     with pytest.raises(EnsemblerError, match="unknown loss 'dice'"):
         parse_loss_weights("dice=1")
     with pytest.raises(EnsemblerError, match="not a number"):
         parse_loss_weights("ce=abc")
-    with pytest.raises(EnsemblerError, match="--smoothing"):
+    with pytest.raises(EnsemblerError, match="^smoothing must be in"):
         TrainLoss("label-smoothing", smoothing=1.0)
     with pytest.raises(EnsemblerError, match="unknown loss"):
         TrainLoss("hinge")

@@ -169,14 +169,14 @@ def test_recipe_tuned_on_other_weights_is_refused(setup, tmp_path):
 
 def test_bad_member_specs_and_weights_are_named(setup):
     table, reg, cache, _ = setup
-    with pytest.raises(EnsemblerError, match="needs --weights"):
+    with pytest.raises(ParameterError, match="^weights .one per member. or a recipe are needed by vote .weighted."):
         predict(table, reg, vote="weighted", cache_dir=cache, progress=False)
     with pytest.raises(ParameterError, match="weights has 1 entries but there are 2 members") as info:
         predict(table, reg, vote="weighted", weights=[1], cache_dir=cache, progress=False)
     assert info.value.parameter == "weights"
     with pytest.raises(EnsemblerError, match="nope"):
         predict(table, reg, members="res,nope", cache_dir=cache, progress=False)
-    with pytest.raises(EnsemblerError, match="--vote must be one of"):
+    with pytest.raises(ParameterError, match="^vote must be one of"):
         predict(table, reg, vote="median", cache_dir=cache, progress=False)
 
 

@@ -175,12 +175,21 @@ def test_target_on_flat_data_is_a_clear_error(tmp_path, digits_cache):
     assert not (tmp_path / "reg").exists()
 
 
-def test_bad_config_names_the_flag():
-    with pytest.raises(EnsemblerError, match="--folds \\[5\\] out of range"):
+def test_bad_config_names_the_field_and_the_cli_names_the_flag(capsys):
+    from ensembler.cli import main
+    from ensembler.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="^folds \\[5\\] out of range") as exc:
         tiny_config(folds=[5])
-    with pytest.raises(EnsemblerError, match="--loss mix needs --loss-weights"):
+    assert exc.value.parameter == "folds"
+    with pytest.raises(ParameterError, match="^loss_weights are needed by loss 'mix'") as exc:
         tiny_config(loss="mix")
-    with pytest.raises(EnsemblerError, match="--optimizer"):
+    assert exc.value.parameter == "loss_weights"
+    with pytest.raises(ParameterError, match="^weight_decay must be >= 0"):
+        tiny_config(weight_decay=-1.0)
+    assert main(["train-folds", "--data", "digits", "--arch", "test_resnet", "--weight-decay", "-1"]) == 2
+    assert "--weight-decay must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(EnsemblerError, match="^optimizer must be one of"):
         tiny_config(optimizer="lamb")
     with pytest.raises(EnsemblerError, match="is one factor: a factored head needs two or more"):
         tiny_config(head="factored", target="age")
@@ -221,7 +230,7 @@ def test_cli_bad_flag_is_a_clean_error(capsys):
 
     rc = main(["train-folds", "--data", "digits", "--arch", "test_resnet", "--loss", "mix"])
     assert rc == 2
-    assert "--loss mix needs --loss-weights" in capsys.readouterr().err
+    assert "--loss-weights are needed by loss 'mix'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the loop on plain tensors

@@ -89,7 +89,7 @@ def test_id_layout_soft_vote_and_the_ledger_row(tmp_path, capsys):
     assert rows[-1]["output_sha256"] == sha256_file(out)
     # hard files cannot soft-vote
     mask = _mask_subs(tmp_path / "m", [[1, 2], [1, 2]])
-    with pytest.raises(EnsemblerError, match=r"--vote soft needs prob_<class> columns .*sub0.csv has none"):
+    with pytest.raises(EnsemblerError, match=r"^vote 'soft' needs prob_<class> columns .*sub0.csv has none"):
         vote_files(mask, vote="soft")
 
 
@@ -134,7 +134,7 @@ def test_ledger_score_then_top_n_picks_the_best_files_best_first(tmp_path, capsy
     assert pd.read_csv(subs / "top3.csv")["ans"].tolist() == [0, 1, 2, 4]
     row = json.loads((subs / "ledger.jsonl").read_text().splitlines()[-1])
     assert [r.get("public") for r in row["inputs"]] == [0.8022, 0.79, 0.71]
-    with pytest.raises(EnsemblerError, match=r"--top 5: the ledger .* has public scores for 4 file"):
+    with pytest.raises(EnsemblerError, match=r"^top 5: the ledger .* has public scores for 4 file"):
         vote_files(top=5, ledger=subs / "ledger.jsonl")
     assert main(["ledger", "score", str(tmp_path / "nope.csv"), "0.5"]) == 2
 

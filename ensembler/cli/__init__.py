@@ -53,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         # The message is printed as written: escaped, so "[nan, 1]" or a path with brackets is not
         # swallowed as console markup.
         message = str(exc)
-        flag = "--" + str(getattr(exc, "parameter", "") or "").replace("_", "-")
-        if flag != "--" and flag not in message:
-            message = f"{flag}: {message}"  # a ParameterError names the API's name; the user typed the flag
+        message = _as_flag_message(message, getattr(exc, "parameter", None))
         err_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
         return 2
     except KeyboardInterrupt:
@@ -64,6 +62,24 @@ def main(argv: list[str] | None = None) -> int:
         err_console().print("[yellow]interrupted[/]")
         return 130
     return int(rc or 0)
+
+
+def _as_flag_message(message: str, parameter: str | None) -> str:
+    """A ParameterError names the API's parameter; the user typed its flag: name that instead.
+
+    >>> _as_flag_message("weight_decay must be >= 0, got -1", "weight_decay")
+    '--weight-decay must be >= 0, got -1'
+    >>> _as_flag_message("weights has 3 entries but there are 2 members", "weights")
+    '--weights has 3 entries but there are 2 members'
+    >>> _as_flag_message("a vote needs at least one member", "member_logits")
+    '--member-logits: a vote needs at least one member'
+    """
+    if not parameter:
+        return message
+    flag = "--" + parameter.replace("_", "-")
+    if message.startswith(parameter) and message[len(parameter):len(parameter) + 1] in (" ", ":", ""):
+        return flag + message[len(parameter):]
+    return message if flag in message else f"{flag}: {message}"
 
 
 if __name__ == "__main__":  # pragma: no cover

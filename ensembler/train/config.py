@@ -48,7 +48,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import EnsemblerError
+from ..errors import ParameterError
 from ..names import AUGMENTS, CROPS, HEADS, MONITORS, OPTIMIZERS, REGIMES, SCHEDULERS, TARGETS
 from .losses import LOSS_NAMES, parse_loss_weights
 
@@ -185,76 +185,76 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> "TrainConfig":
-        """Check every field; raise :class:`EnsemblerError` naming the flag."""
+        """Check every field; raise :class:`ParameterError` naming the field (the CLI names its flag)."""
         if not isinstance(self.arch, str) or not self.arch:
-            raise EnsemblerError("--arch is required (a timm architecture name, e.g. resnet18)")
-        _check_int(self.k, "--k", 2)
+            raise ParameterError("arch", "arch is required (a timm architecture name, e.g. resnet18)")
+        _check_int(self.k, "k", 2)
         if self.folds is not None:
             folds = [int(f) for f in self.folds]
             if not folds:
-                raise EnsemblerError("--folds is empty; give fold numbers like 0,3")
+                raise ParameterError("folds", "folds is empty; give fold numbers like 0,3")
             bad = [f for f in folds if not 0 <= f < self.k]
             if bad:
-                raise EnsemblerError(f"--folds {bad} out of range 0..{self.k - 1} for --k {self.k}")
+                raise ParameterError("folds", f"folds {bad} out of range 0..{self.k - 1} for k={self.k}")
             if len(set(folds)) != len(folds):
-                raise EnsemblerError(f"--folds lists a fold twice: {folds}")
+                raise ParameterError("folds", f"folds lists a fold twice: {folds}")
             self.folds = sorted(folds)
         if self.family is not None and (not self.family or "/" in self.family or self.family.startswith(".")):
-            raise EnsemblerError(f"--family must be a plain folder name, got {self.family!r}")
+            raise ParameterError("family", f"family must be a plain folder name, got {self.family!r}")
         self._fill_regime_defaults()
-        _check_int(self.epochs, "--epochs", 1)
-        _check_int(self.batch_size, "--batch-size", 1)
-        _check_int(self.workers, "--workers", 0)
+        _check_int(self.epochs, "epochs", 1)
+        _check_int(self.batch_size, "batch_size", 1)
+        _check_int(self.workers, "workers", 0)
         if not self.lr > 0:
-            raise EnsemblerError(f"--lr must be > 0, got {self.lr}")
+            raise ParameterError("lr", f"lr must be > 0, got {self.lr}")
         if not self.weight_decay >= 0:
-            raise EnsemblerError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+            raise ParameterError("weight_decay", f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.warmup_epochs >= 0:
-            raise EnsemblerError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+            raise ParameterError("warmup_epochs", f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 <= self.min_lr <= 1:
-            raise EnsemblerError(f"min_lr is a fraction of --lr in [0, 1], got {self.min_lr}")
-        _check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
-        _check_choice(self.scheduler, SCHEDULERS, "--scheduler")
-        _check_choice(self.head, HEADS, "--head")
-        _check_choice(self.loss, LOSS_NAMES, "--loss")
-        _check_choice(self.monitor, MONITORS, "--monitor")
-        _check_choice(self.augment, AUGMENTS, "--augment")
-        _check_choice(self.crop, CROPS, "--crop")
+            raise ParameterError("min_lr", f"min_lr is a fraction of lr in [0, 1], got {self.min_lr}")
+        _check_choice(self.optimizer, OPTIMIZERS, "optimizer")
+        _check_choice(self.scheduler, SCHEDULERS, "scheduler")
+        _check_choice(self.head, HEADS, "head")
+        _check_choice(self.loss, LOSS_NAMES, "loss")
+        _check_choice(self.monitor, MONITORS, "monitor")
+        _check_choice(self.augment, AUGMENTS, "augment")
+        _check_choice(self.crop, CROPS, "crop")
         if self.target is not None:
             parts = [t.strip() for t in str(self.target).split(",") if t.strip()]
             for t in parts:
-                _check_choice(t, TARGETS, "--target")
+                _check_choice(t, TARGETS, "target")
             if not parts or len(set(parts)) != len(parts):
-                raise EnsemblerError(f"--target names each factor once, e.g. gender,age (got {self.target!r})")
+                raise ParameterError("target", f"target names each factor once, e.g. gender,age (got {self.target!r})")
             self.target = ",".join(sorted(parts, key=TARGETS.index))
             if self.head == "factored" and len(parts) == 1:
-                raise EnsemblerError(f"--target {self.target} is one factor: a factored head needs two or more "
-                                     "(--target gender,age), use --head flat")
+                raise ParameterError("target", f"target {self.target} is one factor: a factored head needs two or "
+                                     "more (gender,age), or use a flat head")
         if self.head == "multilabel":
             if self.loss == "ce":
                 self.loss = "bce"  # the head's own loss; the run header prints it
             elif self.loss != "bce":
-                raise EnsemblerError(f"--head multilabel trains sigmoids with --loss bce; --loss {self.loss} is a "
-                                     "softmax loss (use --head factored for it)")
+                raise ParameterError("loss", f"loss {self.loss!r} is a softmax loss; head 'multilabel' trains sigmoids "
+                                     "with loss 'bce' (use head 'factored' for it)")
         if self.pretrained_path is not None:
             self.pretrained_path = str(self.pretrained_path)
             if not os.path.isfile(self.pretrained_path):
-                raise EnsemblerError(f"--pretrained-path {self.pretrained_path}: no such file")
+                raise ParameterError("pretrained_path", f"pretrained_path {self.pretrained_path}: no such file")
         if self.img_size is not None:
             from ..preprocess import check_input_size
 
             check_input_size(self.img_size, "--img-size")
         if self.patience is not None:
-            _check_int(self.patience, "--patience", 1)
+            _check_int(self.patience, "patience", 1)
         self.loss_weights = parse_loss_weights(self.loss_weights) or None
         if self.loss == "mix" and not self.loss_weights:
-            raise EnsemblerError("--loss mix needs --loss-weights, e.g. ce=0.3,f1=0.7")
+            raise ParameterError("loss_weights", "loss_weights are needed by loss 'mix', e.g. ce=0.3,f1=0.7")
         if self.loss != "mix" and self.loss_weights:
-            raise EnsemblerError(f"--loss-weights only applies to --loss mix (got --loss {self.loss})")
+            raise ParameterError("loss_weights", f"loss_weights only apply to loss 'mix' (got loss {self.loss!r})")
         if not self.focal_gamma >= 0:
-            raise EnsemblerError(f"--focal-gamma must be >= 0, got {self.focal_gamma}")
+            raise ParameterError("focal_gamma", f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if not 0 <= self.smoothing < 1:
-            raise EnsemblerError(f"--smoothing must be in [0, 1), got {self.smoothing}")
+            raise ParameterError("smoothing", f"smoothing must be in [0, 1), got {self.smoothing}")
         return self
 
     @property
@@ -297,11 +297,11 @@ class TrainConfig:
         return f"{name}-{self.target.replace(',', '-')}" if self.target else name
 
 
-def _check_int(value, flag: str, minimum: int) -> None:
+def _check_int(value, name: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EnsemblerError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+        raise ParameterError(name, f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_choice(value, choices, flag: str) -> None:
+def _check_choice(value, choices, name: str) -> None:
     if value not in choices:
-        raise EnsemblerError(f"{flag} must be one of {list(choices)}, got {value!r}")
+        raise ParameterError(name, f"{name} must be one of {list(choices)}, got {value!r}")

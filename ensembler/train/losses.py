@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import EnsemblerError
+from ..errors import EnsemblerError, ParameterError
 from ..names import LOSS_NAMES
 
 
@@ -126,12 +126,13 @@ def parse_loss_weights(text: str | Mapping[str, float] | None) -> dict[str, floa
             if not part.strip():
                 continue
             if "=" not in part:
-                raise EnsemblerError(f"--loss-weights expects NAME=WEIGHT pairs like ce=0.3,f1=0.7, got {part!r}")
+                raise ParameterError("loss_weights",
+                                     f"loss_weights expects NAME=WEIGHT pairs like ce=0.3,f1=0.7, got {part!r}")
             name, value = part.split("=", 1)
             try:
                 items.append((name.strip(), float(value)))
             except ValueError:
-                raise EnsemblerError(f"--loss-weights: weight of {name.strip()!r} is not a number: {value!r}") from None
+                raise ParameterError("loss_weights", f"loss_weights: weight of {name.strip()!r} is not a number: {value!r}") from None
     weights: dict[str, float] = {}
     for name, w in items:
         if name not in LOSS_NAMES or name == "mix":
@@ -139,10 +140,10 @@ def parse_loss_weights(text: str | Mapping[str, float] | None) -> dict[str, floa
                 f"--loss-weights: unknown loss {name!r}; components are {[n for n in LOSS_NAMES if n != 'mix']}"
             )
         if not w >= 0:
-            raise EnsemblerError(f"--loss-weights: weight of {name!r} must be >= 0, got {w}")
+            raise ParameterError("loss_weights", f"loss_weights: weight of {name!r} must be >= 0, got {w}")
         weights[name] = float(w)
     if weights and sum(weights.values()) <= 0:
-        raise EnsemblerError("--loss-weights: at least one weight must be positive")
+        raise ParameterError("loss_weights", "loss_weights: at least one weight must be positive")
     return weights
 
 
@@ -178,13 +179,13 @@ class TrainLoss(nn.Module):
         if name not in LOSS_NAMES:
             raise EnsemblerError(f"unknown loss {name!r}; choose one of {list(LOSS_NAMES)}")
         if gamma < 0:
-            raise EnsemblerError(f"--focal-gamma must be >= 0, got {gamma}")
+            raise ParameterError("gamma", f"gamma must be >= 0, got {gamma}")
         if not 0 <= smoothing < 1:
-            raise EnsemblerError(f"--smoothing must be in [0, 1), got {smoothing}")
+            raise ParameterError("smoothing", f"smoothing must be in [0, 1), got {smoothing}")
         if name == "mix":
             weights = parse_loss_weights(weights) if weights else {}
             if not weights:
-                raise EnsemblerError("--loss mix needs --loss-weights, e.g. ce=0.3,f1=0.7")
+                raise ParameterError("weights", "loss 'mix' needs weights, e.g. ce=0.3,f1=0.7")
         else:
             weights = {name: 1.0}
         self.name = name
