@@ -10,12 +10,14 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
 from ensembler import IntegrityError, LabelSpace, Preprocess, RegistryError
+from ensembler.logits import Logits, write_logits
 from ensembler.models import joint_log_probs
 from ensembler.registry import Entry, Registry
 
@@ -143,7 +145,13 @@ def test_queries_update_remove(tmp_path, monkeypatch):
     updated = reg.update("r-fold0", metrics={"val_macro_f1": 0.9}, oof="r/oof.npz")
     assert reg.get("r-fold0").metrics == {"val_macro_f1": 0.9} and updated.oof == "r/oof.npz"
     assert reg.verify() == [("r-fold0", f"OOF logits file of 'r-fold0' is missing: {tmp_path / 'r/oof.npz'}")]
-    (tmp_path / "r" / "oof.npz").write_bytes(b"")
+    (tmp_path / "r" / "oof.npz").write_bytes(b"")  # there, but not OOF logits: what tune-weights reads is checked
+    assert [p for _, p in reg.verify()] == [
+        f"OOF logits file of 'r-fold0': logits file {tmp_path / 'r/oof.npz'} is not a readable .npz file "
+        f"(EOFError: No data left in file)"]
+    ids = np.array(["x", "y"])
+    write_logits(tmp_path / "r" / "oof.npz", Logits(ids, np.zeros((2, 3)), label_space=ABC,
+                                                   labels=np.array([0, 1]), folds=np.array([0, 1])))
     assert reg.verify() == []
     with pytest.raises(RegistryError, match=r"cannot update \['sha256'\]"):
         reg.update("r-fold0", sha256="0" * 64)

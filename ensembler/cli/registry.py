@@ -56,9 +56,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_import)
 
     p = cmds.add_parser("verify", help="check sha256, finiteness and shapes of checkpoints",
-                        description="Check that every (or each given) checkpoint's file exists, matches "
-                                    "its sha256, parses, is finite and fits its arch/head. Exits 1 on any "
-                                    "problem, naming each failing file.")
+                        description="Check that every (or each given) entry's fields are well formed, its "
+                                    "paths lie inside the registry, its arch exists, its weights file matches "
+                                    "its sha256, parses, is finite and fits its arch/head, and its OOF file "
+                                    "reads. Exits 1 on any problem, naming each failing file and field.")
     add_registry_arg(p)
     p.add_argument("ids", nargs="*", help="entry ids (default: all)")
     p.set_defaults(func=cmd_verify)
@@ -206,15 +207,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     reg = _registry(args)
-    entries = [reg.get(i) for i in args.ids] if args.ids else reg.entries()
+    entries = reg.verify_items(args.ids or None)  # malformed entries too: each is reported, none stops it
     if not entries:
         console().print(f"registry {reg.root} has no entries")
         return 0
     problems: list[tuple[str, str]] = []
     with Progress(console=err_console(), transient=True, disable=len(entries) < 4) as progress:
         task = progress.add_task("verifying", total=len(entries))
-        for e in entries:
-            problems += [(e.id, p) for p in reg.verify_entry(e)]
+        for label, stored in entries:
+            problems += [(label, p) for p in reg.verify_entry(stored)]
             progress.advance(task)
     if problems:
         for entry_id, problem in problems:
@@ -222,13 +223,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         bad = len({i for i, _ in problems})
         err_console().print(f"{bad} of {len(entries)} checkpoints failed verification")
         return 1
-    console().print(f"all {len(entries)} checkpoints verified (sha256, finite, shapes) in {reg.root}")
+    console().print(f"all {len(entries)} checkpoints verified (fields, paths, sha256, finite, shapes, OOF) "
+                    f"in {reg.root}", highlight=False, soft_wrap=True)
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    entry = reg.get(args.id)
-    reg.remove(args.id)
-    console().print(f"removed {entry.id} and {reg.path(entry.weights)}", highlight=False, soft_wrap=True)
+    removed = reg.remove(args.id)  # refuses an entry whose files resolve outside the registry
+    files = f" and {reg.path(removed['weights'])}" if isinstance(removed.get("weights"), str) else ""
+    console().print(f"removed {args.id}{files}", highlight=False, soft_wrap=True)
     return 0

@@ -15,11 +15,15 @@ Rules that keep it trustworthy:
 - outside checkpoints are imported through :func:`ensembler.models.read_outside_checkpoint`
   (``weights_only=True``, never full unpickling) and checked key by key against the
   declared architecture and head;
-- keys of an entry this version does not know are kept when the index is rewritten.
+- keys of an entry this version does not know are kept when the index is rewritten;
+- every entry read from ``registry.json`` is checked first (:mod:`.checks`): each field's type
+  and form, no NaN/inf, ``weights``/``oof`` resolving (symlinks followed) inside the root, and
+  ``model_kwargs`` only from an allowlist; a refusal names the index, the entry and the field.
 
 Modules, one job each: :mod:`.entry` (the Entry record, names, the root), :mod:`.index`
 (``registry.json``, its lock, queries and changes: :class:`Registry`), :mod:`.weights`
-(safetensors I/O and checks), :mod:`.outside` (import of outside checkpoints).
+(safetensors I/O and checks), :mod:`.outside` (import of outside checkpoints), :mod:`.checks`
+(what an entry of the index must be), :mod:`.verify` (``registry verify`` of one entry).
 """
 
 from .entry import DEFAULT_ROOT, ENV_VAR, INDEX_NAME, INDEX_VERSION, WEIGHTS_NAME, Entry, default_entry_id, resolve_root

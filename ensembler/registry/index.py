@@ -19,8 +19,10 @@ from ..labels import LabelSpace
 from ..logits import sidecar_path
 from ..names import member_names
 from ..preprocess import Preprocess
+from .checks import check_entry, check_storable, entry_name, inside_root, path_problems
 from .entry import FROZEN_FIELDS, INDEX_NAME, INDEX_VERSION, Entry, check_name, resolve_root
 from .outside import import_checkpoint
+from .verify import entry_faults
 from .weights import model_with_weights, new_entry, read_weights, weights_problems, weights_rel, write_weights
 from .weights import build_model as _build_model
 
@@ -72,8 +74,9 @@ class Registry:
         with FileLock(str(self.lock_path)):
             yield
 
-    def _read_raw(self) -> list[dict]:
-        """The stored entries as dicts (unknown keys kept); [] when there is no index yet."""
+    def _read_raw(self, strict: bool = True) -> list[dict]:
+        """The stored entries as dicts (unknown keys kept); [] when there is no index yet.
+        ``strict``: an entry that is not an object is an error naming it (else returned as is)."""
         path = self.index_path
         if not path.exists():
             return []
@@ -89,15 +92,29 @@ class Registry:
                 f"registry index {path} has version {version!r}; this ensembler reads version "
                 f"{INDEX_VERSION} (upgrade ensembler)"
             )
-        return [dict(e) for e in data["entries"]]
+        for i, e in enumerate(data["entries"]):
+            if strict and not isinstance(e, dict):
+                raise RegistryError(f"{path}: entries[{i}] is a {type(e).__name__} ({e!r:.60}), not an entry "
+                                    f"object (see `ensembler registry verify`)")
+        return [dict(e) if isinstance(e, dict) else e for e in data["entries"]]
 
     def _write_raw(self, raw: list[dict]) -> None:
         write_json_atomic(self.index_path, {"version": INDEX_VERSION, "entries": raw})
 
     # ------------------------------------------------------------------ queries
     def entries(self) -> list[Entry]:
-        """All entries, in insertion order."""
-        return [Entry.from_dict(d) for d in self._read_raw()]
+        """All entries, in insertion order, each checked first (:func:`.checks.check_entry`).
+
+        Raises
+        ------
+        RegistryError
+            An entry with a malformed field, a path outside the root or a loader argument off the
+            allowlist, naming ``registry.json``, the entry and the field.
+        """
+        raw = self._read_raw()
+        for i, d in enumerate(raw):
+            check_entry(d, self.root, self.index_path, i)
+        return [Entry.from_dict(d) for d in raw]
 
     def ids(self) -> list[str]:
         return [d.get("id") for d in self._read_raw()]
@@ -257,21 +274,11 @@ class Registry:
             entry_id=entry_id, model_kwargs=model_kwargs, check=check)
         with self._locked():
             raw = self._read_raw()
-            old = next((d for d in raw if d.get("id") == entry.id), None)
-            if old is not None and not overwrite:
-                raise RegistryError(
-                    f"registry {self.root} already has an entry {entry.id!r}; pass overwrite=True "
-                    f"(or remove it first) to replace it")
+            old = self._replaced(raw, entry.id, overwrite)
             rel = weights_rel(family, fold, entry.id, raw)
             entry.weights = rel
             entry.sha256 = write_weights(self.root / rel, state, entry)
-            if old is not None:
-                # An overwritten entry keeps the unknown keys a newer version stored in it.
-                entry.extra = {k: v for k, v in old.items() if k not in entry.to_dict()}
-                raw = [entry.to_dict() if d.get("id") == entry.id else d for d in raw]
-            else:
-                raw.append(entry.to_dict())
-            self._write_raw(raw)
+            raw = self._put(raw, entry, old)
             if old is not None and old.get("weights") and old.get("weights") != rel:
                 self._delete_unreferenced(old["weights"], raw)
         return entry
@@ -303,9 +310,8 @@ class Registry:
         RegistryError
             An entry with that id exists and ``overwrite`` is False.
         """
+        check_entry(entry.to_dict(), self.root, f"entry to record in {self.index_path}", finite=False)
         path = self.root / entry.weights
-        if not entry.weights or not path.resolve().is_relative_to(self.root.resolve()):
-            raise RegistryError(f"entry {entry.id!r}: weights path {entry.weights!r} is outside the registry {self.root}")
         with self._locked():
             if not path.is_file():
                 raise IntegrityError(f"weights file of {entry.id!r} is missing: {path}")
@@ -314,21 +320,30 @@ class Registry:
                 raise IntegrityError(f"weights file {path} of {entry.id!r} changed after it was written: "
                                      f"sha256 {digest} != {entry.sha256}")
             raw = self._read_raw()
-            old = next((d for d in raw if d.get("id") == entry.id), None)
-            if old is not None and not overwrite:
-                raise RegistryError(
-                    f"registry {self.root} already has an entry {entry.id!r}; pass overwrite=True "
-                    f"(or remove it first) to replace it")
-            if old is not None:
-                kept = {k: v for k, v in old.items() if k not in entry.to_dict()}
-                entry.extra = {**kept, **entry.extra}
-                raw = [entry.to_dict() if d.get("id") == entry.id else d for d in raw]
-            else:
-                raw.append(entry.to_dict())
-            self._write_raw(raw)
+            old = self._replaced(raw, entry.id, overwrite)
+            raw = self._put(raw, entry, old)
             if old is not None and old.get("weights") and old.get("weights") != entry.weights:
                 self._delete_unreferenced(old["weights"], raw)
         return entry
+
+    def _replaced(self, raw: list[dict], entry_id: str, overwrite: bool) -> dict | None:
+        """The stored entry ``entry_id`` replaces (None); RegistryError when it exists and not ``overwrite``."""
+        old = next((d for d in raw if d.get("id") == entry_id), None)
+        if old is not None and not overwrite:
+            raise RegistryError(f"registry {self.root} already has an entry {entry_id!r}; pass overwrite=True "
+                                f"(or remove it first) to replace it")
+        return old
+
+    def _put(self, raw: list[dict], entry: Entry, old: dict | None) -> list[dict]:
+        """Write the index with ``entry`` in place of ``old`` (whose unknown keys it keeps) or appended."""
+        if old is not None:
+            kept = {k: v for k, v in old.items() if k not in entry.to_dict()}
+            entry.extra = {**kept, **entry.extra}
+            raw = [entry.to_dict() if d.get("id") == entry.id else d for d in raw]
+        else:
+            raw = raw + [entry.to_dict()]
+        self._write_raw(raw)
+        return raw
 
     def update(self, entry_id: str, **fields) -> Entry:
         """Change fields of an entry (metrics, oof, train_config, ...); returns the new entry.
@@ -345,30 +360,35 @@ class Registry:
             fields["label_space"] = fields["label_space"].to_dict()
         if "preprocess" in fields and isinstance(fields["preprocess"], Preprocess):
             fields["preprocess"] = fields["preprocess"].to_dict()
-        for name, value in fields.items():
-            try:
-                json.dumps(value, default=_json_value)
-            except TypeError as exc:
-                raise RegistryError(f"cannot store {name}={value!r} in entry {entry_id!r}: {exc}") from exc
+        check_storable(fields, entry_id)
         with self._locked():
             raw = self._read_raw()
             for i, d in enumerate(raw):
                 if d.get("id") == entry_id:
                     new = dict(d)
                     new.update(fields)
+                    check_entry(new, self.root, f"update of {self.index_path}", finite=False)
                     entry = Entry.from_dict(new)
                     raw[i] = entry.to_dict()
                     self._write_raw(raw)
                     return entry
         raise RegistryError(self._unknown_message(entry_id, [d.get("id") for d in raw]))
 
-    def remove(self, entry_id: str) -> None:
-        """Remove an entry and its weights file (and its OOF file when no other entry uses it)."""
+    def remove(self, entry_id: str) -> dict:
+        """Remove an entry and its weights file (and its OOF file when no other entry uses it).
+
+        Returns the removed entry as stored. An entry whose ``weights``/``oof`` resolves outside
+        the root is refused (RegistryError naming it and the field): nothing outside is deleted.
+        """
         with self._locked():
             raw = self._read_raw()
             old = next((d for d in raw if d.get("id") == entry_id), None)
             if old is None:
                 raise RegistryError(self._unknown_message(entry_id, [d.get("id") for d in raw]))
+            escapes = path_problems({k: v for k, v in old.items() if k in ("weights", "oof") and v}, self.root)
+            if escapes:
+                raise RegistryError(f"{self.index_path}: {entry_name(old)}: {escapes[0]}; nothing was removed "
+                                    f"(fix or delete the entry in {self.index_path} by hand)")
             raw = [d for d in raw if d.get("id") != entry_id]
             self._write_raw(raw)
             # Files go only after the index no longer points at them: a crash in between
@@ -376,10 +396,15 @@ class Registry:
             for key in ("weights", "oof"):
                 if old.get(key):
                     self._delete_unreferenced(old[key], raw, logits=key == "oof")
+        return old
 
     def _delete_unreferenced(self, rel: str, raw: list[dict], logits: bool = False) -> None:
         if any(d.get("weights") == rel or d.get("oof") == rel for d in raw):
             return
+        try:
+            inside_root(self.root, rel)
+        except ValueError:
+            return  # never delete a file outside the registry (an older entry pointing out of it)
         path = (self.root / rel)
         for file in (path, sidecar_path(path)) if logits else (path,):  # a logits file goes with its sidecar
             with contextlib.suppress(FileNotFoundError):
@@ -418,26 +443,39 @@ class Registry:
         return model_with_weights(entry, self.path(entry.weights), device)
 
     # ------------------------------------------------------------------ verification
-    def verify_entry(self, entry: Entry | str) -> list[str]:
-        """Problems of one entry (each names its file); [] when it is sound."""
-        entry = self.get(entry)
-        problems = []
-        if entry.oof and not self.path(entry.oof).is_file():
-            problems.append(f"OOF logits file of {entry.id!r} is missing: {self.path(entry.oof)}")
-        return problems + weights_problems(entry, self.path(entry.weights))
+    def verify_items(self, ids: Iterable[str] | None = None) -> list[tuple[str, object]]:
+        """``[(label, stored entry)]`` to verify: every entry (malformed ones too), or those in ``ids``."""
+        raw = self._read_raw(strict=False)
+        items = [(d["id"] if isinstance(d, dict) and isinstance(d.get("id"), str) else f"entries[{i}]", d)
+                 for i, d in enumerate(raw)]
+        if ids is None:
+            return items
+        known = {label: d for label, d in items}
+        for i in ids:
+            if i not in known:
+                raise RegistryError(self._unknown_message(i, list(known)))
+        return [(i, known[i]) for i in ids]
+
+    def verify_entry(self, entry) -> list[str]:
+        """Problems of one entry (an Entry, an id or a stored dict), each naming its file and field;
+        [] when it is sound and holds everything ``predict`` and ``tune-weights`` read
+        (:func:`.verify.entry_faults`)."""
+        if isinstance(entry, str):
+            found = dict(self.verify_items([entry]))
+            entry = found[entry]
+        return entry_faults(self, entry.to_dict() if isinstance(entry, Entry) else entry)
 
     def verify(self, ids: Iterable[str] | None = None) -> list[tuple[str, str]]:
-        """Check every entry (or those in ``ids``): file exists, sha256, safetensors parses,
-        tensors finite, keys and shapes match the arch/head, and its OOF file (if any) exists.
+        """Check every entry (or those in ``ids``): its fields and paths (as :meth:`entries` does),
+        arch and head, file exists, sha256, safetensors parses, tensors finite, keys and shapes
+        match the arch/head, and its OOF file (if any) reads as OOF logits.
 
         Returns
         -------
         list of (entry id, problem)
-            Empty when everything is sound. Each problem names the file.
+            Empty when everything is sound. Each problem names the file (and the field).
         """
-        entries = self.entries() if ids is None else [self.get(i) for i in ids]
-        return [(e.id, problem) for e in entries for problem in self.verify_entry(e)]
-
+        return [(label, problem) for label, d in self.verify_items(ids) for problem in self.verify_entry(d)]
 
     # ------------------------------------------------------------------ import
     def import_checkpoint(self, path, *, arch: str, num_classes: int | None = None, label_space=None,
@@ -452,11 +490,3 @@ class Registry:
                                  family=family, fold=fold, img_size=img_size, head=head, use_ema=use_ema,
                                  entry_id=entry_id, overwrite=overwrite, metrics=metrics, target=target)
 
-
-def _json_value(obj):
-    # What _io.write_json_atomic also accepts (numpy scalars and arrays, paths).
-    import numpy as np
-
-    if isinstance(obj, (np.integer, np.floating, np.ndarray, Path)):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Mapping
 from .._io import atomic_path, sha256_file
 from ..errors import EnsemblerError, IntegrityError, RegistryError
 from ..preprocess import Preprocess
+from .checks import check_model_kwargs
 from .entry import WEIGHTS_NAME, Entry, check_name, default_entry_id, library_versions, now_iso
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,6 +59,7 @@ def new_entry(model_or_state_dict, *, family: str, fold: int | None, arch: str, 
         raise RegistryError(f"preprocess must be a Preprocess or dict, got {type(preprocess).__name__}")
     if model_kwargs is None:
         model_kwargs = default_model_kwargs(arch, pre)
+    check_model_kwargs(model_kwargs, f"entry {entry_id!r}")
 
     if isinstance(model_or_state_dict, torch.nn.Module):
         state = model_or_state_dict.state_dict()
@@ -139,8 +141,8 @@ def build_model(entry: Entry) -> "nn.Module":
     """The entry's architecture with its head, randomly initialised (pretrained=False)."""
     from ..models import create_model
 
-    return create_model(entry.arch, label_space=entry.labels, head=entry.head, pretrained=False,
-                        **entry.model_kwargs)
+    kwargs = check_model_kwargs(entry.model_kwargs, f"entry {entry.id!r}")
+    return create_model(entry.arch, label_space=entry.labels, head=entry.head, pretrained=False, **kwargs)
 
 
 def model_with_weights(entry: Entry, path: Path, device="cpu") -> "nn.Module":
