@@ -11,6 +11,7 @@ import pytest
 # examples that would train or load models are marked ``+SKIP`` in place).
 DOCTEST_MODULES = (
     "ensembler.errors",
+    "ensembler.filehash",
     "ensembler.names",
     "ensembler.metrics",
     "ensembler.labels",

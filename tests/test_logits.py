@@ -152,15 +152,18 @@ def test_v010_oof_tta_file_loads_as_a_member():
     assert member.name == "family_oof_tta_hflip" and member.kind == "file" and member.label_space == SPACE
 
 
-def test_v010_cache_entry_is_served_by_the_logit_store():
-    from ensembler.infer import LogitStore
+def test_v010_cache_entry_reads_but_is_not_served_without_a_checksum():
+    # The file still reads; the store serves only entries that carry their own checksum
+    # (issue 11, BAD 5), so a 0.1.0 entry is a miss with a warning and gets recomputed.
+    from ensembler.infer import CacheWarning, LogitStore
 
     store = LogitStore(V010 / "cache")
     (entry,) = store.entries()
-    hit = store.load(entry["key"], ids=[f"img{i}" for i in range(6)])
-    assert hit is not None and hit[0].shape == (6, 3) and hit[1]["producer"] == "family-fold0"
-    oof = read_logits(V010 / "family" / "oof.npz")
-    np.testing.assert_array_equal(hit[0], oof.logits)
+    assert entry["producer"] == "family-fold0"
+    npz = store.paths(entry["key"])[0]
+    np.testing.assert_array_equal(read_logits(npz).logits, read_logits(V010 / "family" / "oof.npz").logits)
+    with pytest.warns(CacheWarning, match=rf"ignoring cached logits {npz}: it has no checksum"):
+        assert store.load(entry["key"], ids=[f"img{i}" for i in range(6)]) is None
 
 
 def test_v010_infer_output_loads_with_its_members(tmp_path):

@@ -18,6 +18,7 @@ import pandas as pd
 
 from .._io import write_text_atomic
 from ..errors import DataError
+from ..filehash import FileHashes
 from ..labels import LabelSpace
 
 CORE_COLUMNS = ("id", "path", "label", "group")
@@ -177,20 +178,36 @@ class SampleTable:
             raise DataError(f"fold {fold} not in this table's folds {sorted(set(folds.tolist()))}")
         return self.subset(folds != fold), self.subset(folds == fold)
 
-    def fingerprint(self) -> str:
-        """sha256 over ids, paths, file sizes and modification times (in row order).
+    def fingerprint(self, hashes: FileHashes | None = None) -> str:
+        """sha256 over ids, paths and each image's content hash (in row order).
 
-        Changes when a file is replaced, touched, added, removed or reordered; used to key
-        cached logits. Raises :class:`DataError` naming a file that no longer exists.
+        Content-based: an image whose bytes changed is new data even with the same size and
+        modification time, and a ``touch`` alone changes nothing. Changes when a file's bytes
+        change, or a row is added, removed or reordered; used to key cached logits.
+
+        Parameters
+        ----------
+        hashes : FileHashes, optional
+            Where each file's sha256 is remembered by its stat (the logit cache passes its
+            own), so a warm run costs one ``stat`` per file; default: read every file.
+
+        Raises
+        ------
+        DataError
+            Naming a file that no longer exists or cannot be read.
         """
+        hashes = hashes if hashes is not None else FileHashes()
         h = hashlib.sha256()
-        h.update(f"ensembler-table-v1\n{len(self)}\n".encode())
+        h.update(f"ensembler-table-v2\n{len(self)}\n".encode())
         for i, p in zip(self.frame["id"], self.frame["path"]):
             try:
-                st = os.stat(p)
-            except OSError as exc:
+                digest = hashes.sha256(p)
+            except FileNotFoundError as exc:
                 raise DataError(f"cannot fingerprint {self.describe()}: file of id {i!r} is gone: {p} ({exc.strerror})") from None
-            h.update(f"{i}\0{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError as exc:
+                raise DataError(f"cannot fingerprint {self.describe()}: file of id {i!r} cannot be read: {p} "
+                                f"({exc.strerror or exc})") from None
+            h.update(f"{i}\0{p}\0{digest}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def to_csv_frame(self) -> pd.DataFrame:

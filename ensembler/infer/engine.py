@@ -5,7 +5,9 @@ SampleTable:
 
 1. members are resolved (``"all"``, family names, checkpoint ids) and every checkpoint whose
    logits are already in the :class:`~ensembler.infer.store.LogitStore` is served from it,
-   with no model loaded and no forward pass;
+   with no model loaded and no forward pass, once its weights file's sha256 is the registry's
+   (:func:`~ensembler.infer.store.check_weights`; the data fingerprint hashes the images'
+   bytes; both remembered by stat, so a warm run reads neither);
 2. the remaining checkpoints are grouped by :attr:`Preprocess.geometry_key`; for each group a
    DataLoader decodes every image **once** in worker processes (``decode_image`` + the
    group's resize/centre-crop, giving uint8), pinned on CUDA;
@@ -36,7 +38,7 @@ from ..logits import Logits
 from ..names import BACKENDS
 from ..progress import Ticker
 from .decode import make_decode_loader, raise_decode_errors
-from .store import LogitStore, default_cache_dir
+from .store import LogitStore, check_weights, default_cache_dir
 from .tta import check_merge, default_chunk_size, forward_chunked, merge_views
 from .views import build_views, parse_tta
 
@@ -230,7 +232,7 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
     dev = resolve_device(device)
     precision = resolve_precision(amp, dev, backend)
     store = LogitStore(cache_dir if cache_dir is not None else default_cache_dir(registry.root))
-    fingerprint = table.fingerprint()
+    fingerprint = table.fingerprint(hashes=store.hashes)
     ids = np.asarray(table.ids).astype(str)
 
     keys, results, from_cache = {}, {}, set()
@@ -242,6 +244,8 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
         if use_cache:
             hit = store.load(keys[cid], ids=ids)
             if hit is not None:
+                # A hit is served only from the weights the registry recorded (as a cold run loads them).
+                check_weights(store.hashes, registry.path(e.weights), e)
                 results[cid] = hit[0]
                 from_cache.add(cid)
 
@@ -251,10 +255,13 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
         groups.setdefault(e.pre.geometry_key, []).append(e)
 
     timings: dict[str, float] = {}
+    vouch = backend == "torch" and (executor in (None, "local") or getattr(executor, "name", None) == "local")
     if groups:
         with Ticker("inference", total=len(ids) * len(groups), unit="images", enabled=progress) as tick:
             advance = tick.advance
             for group in groups.values():
+                # The registry checks each weights file's sha256 as it loads it (here, torch): remember that.
+                watched = {e.id: store.hashes.watch(registry.path(e.weights)) for e in group} if vouch else {}
                 computed = _run_group(table, group, registry, executor, plan=plan, merge=merge, backend=backend,
                                       batch_size=int(batch_size), workers=int(workers),
                                       device=workers_device(executor, device, dev),
@@ -268,6 +275,8 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
                             "fingerprint": fingerprint, "classes": list(e.labels.classes)}
                     store.save(keys[e.id], ids, logits, meta)
                     results[e.id] = logits
+                    store.hashes.vouch(watched.get(e.id), e.sha256)
+    store.save_hashes()  # only after a run that went through: a failed run leaves the cache as it was
 
     out: dict[str, Logits] = {}
     for name, entries in members:

@@ -42,7 +42,7 @@ from ..logits import Logits, few, read_logits, write_logits
 from ..metrics import classification_scores
 from ..progress import Ticker
 from .engine import check_run_args, checkpoint_view_logits, resolve_precision
-from .store import LogitStore, default_cache_dir
+from .store import LogitStore, check_weights, default_cache_dir
 from .tta import MERGE_RULES, check_merge, merge_views
 from .views import View, parse_tta
 
@@ -392,21 +392,24 @@ def _oof_view_logits(table, position, oof: Logits, by_fold, registry, family: st
         rows = np.flatnonzero(oof.folds == fold)  # positions in the OOF file
         sub = table.subset(position[rows])
         rows_per_fold[fold] = int(len(rows))
+        fingerprint = sub.fingerprint(hashes=store.hashes)
         key = store.key(producer=e.id, sha256=e.sha256, tta=run.cache_tta, merge=_CACHE_MERGE,
-                        fingerprint=sub.fingerprint(), backend=run.backend, precision=run.precision,
+                        fingerprint=fingerprint, backend=run.backend, precision=run.precision,
                         extra={"preprocess": e.pre.to_dict(), "head": e.head, "classes": list(e.labels.classes),
                                "views": run.views})
         hit = store.load(key, ids=oof.ids[rows]) if use_cache else None
         if hit is not None and hit[0].shape == (len(rows), run.views * c):
+            check_weights(store.hashes, registry.path(e.weights), e)  # as a cold run loads them
             view_logits[rows] = hit[0].reshape(len(rows), run.views, c)
             cached_folds.append(fold)
         else:
-            todo.append((fold, e, rows, sub, key))
+            todo.append((fold, e, rows, sub, key, fingerprint))
     if not todo:
+        store.save_hashes()
         return view_logits, cached_folds, rows_per_fold
     with Ticker("tta-report", total=sum(len(t[2]) for t in todo), unit="images", enabled=progress) as tick:
         advance = tick.advance
-        for fold, e, rows, sub, key in todo:
+        for fold, e, rows, sub, key, fingerprint in todo:
             out = checkpoint_view_logits(sub, e, registry, run.plans, backend=run.backend, batch_size=run.batch_size,
                                          workers=run.workers, device=run.worker_device, precision=run.precision,
                                          chunk_size=run.chunk_size, onnx_threads=run.onnx_threads, advance=advance,
@@ -421,11 +424,12 @@ def _oof_view_logits(table, position, oof: Logits, by_fold, registry, family: st
             store.save(key, oof.ids[rows], out.reshape(len(rows), -1),
                        {"producer": e.id, "family": family, "sha256": e.sha256, "tta": run.cache_tta,
                         "merge": _CACHE_MERGE, "views": run.views, "backend": run.backend,
-                        "precision": run.precision, "fingerprint": sub.fingerprint(),
+                        "precision": run.precision, "fingerprint": fingerprint,
                         "classes": list(e.labels.classes),
                         "layout": "per-view joint logits (N, V*C), views in plan order"
                                   + (", identity appended last" if run.extra_identity else "")})
             view_logits[rows] = out
+    store.save_hashes()
     return view_logits, cached_folds, rows_per_fold
 
 

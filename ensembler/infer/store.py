@@ -16,12 +16,25 @@ Where the cache lives: ``cache_dir`` when given, else ``$ENSEMBLER_CACHE/logits`
 variable is set, else ``<registry root>/../.ensembler_cache/logits`` (next to the
 ``checkpoints/`` folder, so the cache travels with the registry it belongs to).
 
-A cache file that cannot be read, or whose ids do not match the table, is ignored with a
-:class:`CacheWarning` and recomputed. Cache files written by ensembler 0.1.0 are read too.
+When a cached result is trusted (docs/RELIABILITY.md, "Cache", lists the test of each):
+
+* **its own checksum holds**: every entry records ``checksum``, the sha256 of its key, ids
+  and logits bytes (:func:`logits_checksum`), verified on load. A file that cannot be read,
+  whose checksum or ids do not match, or that has no checksum (an older ensembler wrote it)
+  is a cache miss with a :class:`CacheWarning` naming the file; the caller recomputes it and
+  the entry is rewritten;
+* **the weights behind it are the registry's**: :func:`check_weights` compares the weights
+  file's sha256 with the entry's before a hit is served (a deleted or altered file stops the
+  run as a cold run would), at the cost of one ``stat`` while the file is unchanged;
+* **the data is the same content**: the data fingerprint hashes every image's bytes.
+
+Both hashes are remembered in ``<cache>/file_hashes.json`` (:attr:`LogitStore.hashes`, a
+:class:`~ensembler.filehash.FileHashes`), so a warm run reads no image and no weights file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,12 +46,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._io import sha256_bytes
-from ..errors import LogitError
+from ..errors import IntegrityError, LogitError, WriteError
+from ..filehash import STAMPS_NAME, FileHashes
 from ..logits import Logits, read_logits, sidecar_path, write_logits
 
-__all__ = ["CacheWarning", "LogitStore", "default_cache_dir"]
+__all__ = ["CacheWarning", "LogitStore", "check_weights", "default_cache_dir", "logits_checksum"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: content-based data fingerprint, entries carry a checksum
 
 
 class CacheWarning(UserWarning):
@@ -52,6 +66,41 @@ def default_cache_dir(registry_root: str | os.PathLike | None = None) -> Path:
         return Path(env).expanduser() / "logits"
     root = Path(registry_root) if registry_root is not None else Path("checkpoints")
     return root.resolve().parent / ".ensembler_cache" / "logits"
+
+
+def logits_checksum(key: str, ids, logits) -> str:
+    """sha256 over a cache entry's key, ids and float32 logits (shape and bytes, little-endian)."""
+    ids = np.asarray(ids).astype(str)
+    z = np.ascontiguousarray(logits, dtype="<f4")
+    h = hashlib.sha256(f"ensembler-cache-entry\0{key}\0{z.shape}\0".encode())
+    h.update("\0".join(ids.tolist()).encode("utf-8", "surrogateescape"))
+    h.update(b"\0")
+    h.update(z.tobytes())
+    return h.hexdigest()
+
+
+def check_weights(hashes: FileHashes, path: str | os.PathLike, entry) -> None:
+    """Refuse to serve cached logits of ``entry`` unless its weights file at ``path`` is intact.
+
+    The sha256 of the file (remembered by its stat in ``hashes``) must be the registry's
+    recorded ``entry.sha256``: the check a cold run makes when it loads the weights, with the
+    same messages.
+
+    Raises
+    ------
+    IntegrityError
+        The weights file is missing or its sha256 differs (both named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrityError(f"weights file of {entry.id!r} is missing: {path}")
+    try:
+        digest = hashes.sha256(path)
+    except OSError as exc:
+        raise IntegrityError(f"weights file {path} of {entry.id!r} cannot be read: {exc.strerror or exc}") from None
+    if digest != entry.sha256:
+        raise IntegrityError(f"weights file {path} of {entry.id!r} was modified: sha256 {digest} != recorded "
+                             f"{entry.sha256}")
 
 
 def _safe_name(name: str) -> str:
@@ -79,6 +128,23 @@ class LogitStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._hashes: FileHashes | None = None
+
+    @property
+    def hashes(self) -> FileHashes:
+        """The file hashes of this cache (``<root>/file_hashes.json``): images and weights files."""
+        if self._hashes is None:
+            self._hashes = FileHashes(self.root / STAMPS_NAME)
+        return self._hashes
+
+    def save_hashes(self) -> None:
+        """Write the new file hashes; a cache folder that cannot be written only costs re-hashing
+        next time (a :class:`CacheWarning`)."""
+        try:
+            self.hashes.save()
+        except WriteError as exc:
+            warnings.warn(f"file hashes not remembered ({exc}); the next run reads the files again",
+                          CacheWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         return f"LogitStore({str(self.root)!r})"
@@ -109,7 +175,8 @@ class LogitStore:
             raise LogitError(f"cache {key}: logits of shape {logits.shape} do not match {len(ids)} ids")
         if not np.isfinite(logits).all():
             raise LogitError(f"cache {key}: refusing to cache non-finite logits from {meta.get('producer', key)}")
-        full = {"key": key, "version": CACHE_VERSION, **dict(meta), "num_samples": int(len(ids)),
+        full = {"key": key, "version": CACHE_VERSION, **dict(meta), "checksum": logits_checksum(key, ids, logits),
+                "num_samples": int(len(ids)),
                 "num_classes": int(logits.shape[1]),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         npz, _ = self.paths(key)
@@ -118,8 +185,9 @@ class LogitStore:
     def load(self, key: str, ids=None) -> tuple[np.ndarray, dict] | None:
         """Cached ``(logits, meta)`` for ``key``, or None when absent, unreadable or stale.
 
-        Unreadable files and files whose ids differ from ``ids`` raise a :class:`CacheWarning`
-        (warnings module) and return None, so the caller recomputes.
+        Unreadable files, files whose checksum does not hold and files whose ids differ from
+        ``ids`` raise a :class:`CacheWarning` (warnings module) naming the file and return None,
+        so the caller recomputes (and :meth:`save` rewrites the entry).
         """
         npz, js = self.paths(key)
         if not npz.exists() and not js.exists():
@@ -133,6 +201,12 @@ class LogitStore:
         except (LogitError, ValueError) as exc:
             warnings.warn(f"ignoring unreadable cached logits {npz} ({type(exc).__name__}: {exc}); recomputing",
                           CacheWarning, stacklevel=2)
+            return None
+        recorded = cached.meta.get("checksum")
+        if recorded != logits_checksum(key, cached.ids, cached.logits):
+            why = ("it has no checksum (an older ensembler wrote it)" if recorded is None else
+                   "its logits or ids do not match its checksum (the file was changed after it was written)")
+            warnings.warn(f"ignoring cached logits {npz}: {why}; recomputing", CacheWarning, stacklevel=2)
             return None
         if ids is not None and not np.array_equal(cached.ids, np.asarray(ids).astype(str)):
             warnings.warn(f"ignoring cached logits {npz}: its ids do not match the data; recomputing",
