@@ -8,6 +8,9 @@
   the old sidecar's keys as meta, ``best_epoch`` of a fold's ``val_logits.npz``), or the
   ``infer --out`` layout (``members`` + ``logits/<name>``, sidecar ``<file>.npz.json``).
 
+:func:`refuse_non_npz` names a file that is no npz archive at all (a text or CSV file, a bare
+``.npy``, random bytes) and says what layout is expected, before numpy's "pickled data".
+
 Each member comes back as ``(name, logits array, label space dict or None, meta)``; the
 checks of the arrays themselves are :func:`ensembler.logits.read_logits_set`'s.
 """
@@ -110,3 +113,44 @@ def _npz_split(path: Path, arrays) -> list[Member]:
             or cols[-1] != z.shape[1] or np.any(np.diff(cols) <= 0):
         raise LogitError(f"logits file {path}: 'members'/'columns' do not split 'logits' into members")
     return [(name, z[:, cols[i]:cols[i + 1]], None, {}) for i, name in enumerate(names)]
+
+
+def _npy_header(fh) -> str:
+    """`` (float64 (3, 2))`` from a .npy header, or "" when it cannot be read."""
+    try:
+        fh.seek(0)
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    except (ValueError, OSError, EOFError):
+        return ""
+    return f" ({dtype} {shape})"
+
+
+_LAYOUT = ("an .npz archive holding 'ids' (N,) and 'logits' (N, C) arrays, with 'labels' (N,) to score and "
+           "'folds' (N,) for OOF logits (`ensembler infer --out FILE.npz`, an OOF file, or "
+           "np.savez(FILE, ids=..., logits=..., labels=...))")
+
+
+def refuse_non_npz(path: Path) -> None:
+    """LogitError naming ``path`` unless it starts like a zip archive (an npz); a missing file or a
+    folder is left to the reader, which names it."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            array = _npy_header(fh) if head[:6] == b"\x93NUMPY" else None
+    except OSError:
+        return
+    if head[:6] == b"\x93NUMPY":
+        raise LogitError(f"logits file {path} is a bare .npy array{array}, not a logits file: expected {_LAYOUT}")
+    if head[:2] == b"PK":
+        return
+    text = bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    first = head.split(b"\n")[0]
+    if path.suffix.lower() == ".csv" or (text and b"," in first):
+        raise LogitError(f"logits file {path} is not a readable .npz file: it is a text/CSV file. Submission "
+                         "CSVs are combined with `ensembler vote-files`; `evaluate --logits` takes logits as an .npz "
+                         "(`ensembler infer --out FILE.npz`, an OOF file)")
+    kind = ("it is empty" if not head else f"it is a text file (it starts {first[:24].decode('ascii')!r})" if text
+            else f"it starts with the bytes {head[:8]!r}")
+    raise LogitError(f"logits file {path} is not a readable .npz file: {kind}, not an npz archive; expected {_LAYOUT}")

@@ -71,7 +71,7 @@ import numpy as np
 
 from ._io import write_bytes_atomic, write_json_atomic
 from .errors import LogitError
-from ._logits_layouts import members_from_npz, members_from_sidecar
+from ._logits_layouts import members_from_npz, members_from_sidecar, refuse_non_npz
 from .labels import LabelSpace
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Logits", "few", "read_logits", "read_logits_set", "sidecar_path",
@@ -389,13 +389,13 @@ def read_logits_set(path: str | os.PathLike, *, require: Sequence[str] = ()) -> 
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    _refuse_text_file(path)
+    refuse_non_npz(path)  # a text file, a bare .npy, random bytes: named, with the layout expected
     try:
         npz = np.load(path, allow_pickle=False)
         if not hasattr(npz, "files"):
             raise LogitError(f"logits file {path} is a bare .npy array, not an .npz with 'ids' and 'logits'")
         with npz:
-            return {k: npz[k] for k in npz.files}
+            return {k: _npz_array(path, npz, k) for k in npz.files}
     except FileNotFoundError:
         raise LogitError(f"logits file {path} does not exist") from None
     except IsADirectoryError:
@@ -406,19 +406,16 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise LogitError(f"logits file {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
-def _refuse_text_file(path: Path) -> None:
-    """A CSV (a submission) or other text file handed over as logits: say what it is, not "pickled data"."""
+def _npz_array(path: Path, npz, key: str) -> np.ndarray:
+    """One array of an npz; an object (pickled) array is refused naming it, never unpickled."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(6)
-    except OSError:
-        return  # np.load names the problem (missing, a folder)
-    if head[:2] == b"PK" or head == b"\x93NUMPY":
-        return
-    if path.suffix.lower() == ".csv" or (head and all(32 <= b < 127 or b in (9, 10, 13) for b in head)):
-        raise LogitError(f"logits file {path} is not a readable .npz file: it is a text/CSV file. Submission "
-                         "CSVs are combined with `ensembler vote-files`; `evaluate --logits` takes logits as an .npz "
-                         "(`ensembler infer --out FILE.npz`, an OOF file)")
+        return npz[key]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise LogitError(f"logits file {path}: array {key!r} is an object array (loading it needs pickle, which "
+                         f"could run code); refused. Save ids as strings (np.asarray(ids, dtype=str)) and logits, "
+                         f"labels, folds as numbers") from None
 
 
 def _read_sidecar(path: Path, arrays: Mapping[str, np.ndarray]) -> dict | None:

@@ -16,6 +16,7 @@ import argparse
 import difflib
 import functools
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -256,20 +257,68 @@ def checkpoint_suffix(path: Path) -> str:
 def _torch_load_weights_only(path: Path):
     import torch
 
+    _refuse_non_torch_file(path)
     # timm's train script stores its argparse.Namespace under "args"; allowing that one plain
     # attribute container keeps weights_only=True (no code runs) and reads timm checkpoints.
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's own message advises weights_only=False ("will likely succeed"): never pass that on.
+        needs = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it needs {needs[0]})" if needs else ""
         raise RegistryError(
-            f"refused to load {path}: it holds pickled objects other than tensors, and unpickling "
-            f"them could run arbitrary code (torch.load weights_only=True rejected it: {first}). "
-            f"Re-save it as a plain state_dict or .safetensors on a machine you trust."
-        ) from exc
+            f"refused to load {path} for safety: it holds pickled objects other than tensors{what}, and "
+            f"unpickling them could run arbitrary code, so ensembler never does. Re-save the weights as a "
+            f"plain state_dict (torch.save(model.state_dict(), FILE)) or as .safetensors on a machine you trust."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, ...
-        raise RegistryError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        reason = "truncated or corrupted" if isinstance(exc, (RuntimeError, EOFError)) else type(exc).__name__
+        raise RegistryError(f"cannot read checkpoint {path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def _refuse_non_torch_file(path: Path) -> None:
+    """A file torch.save did not write (a text file, an npz, an empty file) named like a checkpoint:
+    say so, before torch's unpickler turns it into a misleading error."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or its legacy pickle
+        return
+    if not head:
+        kind = "it is empty"
+    elif all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        first = head.splitlines()[0][:24].decode("ascii")
+        kind = f"it is a text file (it starts {first!r})"
+    else:
+        kind = f"it starts with the bytes {head[:8]!r}"
+    raise RegistryError(f"{path} is not a PyTorch checkpoint: {kind}; expected a file written by torch.save "
+                        f"(a state dict) or a .safetensors file")
+
+
+def _non_tensor_keys(obj) -> list[str]:
+    import torch
+
+    return [str(k) for k, v in obj.items() if not torch.is_tensor(v)] if isinstance(obj, Mapping) else []
+
+
+def _no_state_dict_message(path: Path, obj: Mapping) -> str:
+    """Why ``obj`` holds no state dict, naming the keys that hold something other than a tensor."""
+    for key in _PLAIN_KEYS + _EMA_KEYS:  # a wrapper whose state dict holds a non-tensor
+        inner = obj.get(key)
+        bad = _non_tensor_keys(inner)
+        if isinstance(inner, Mapping) and inner and bad:
+            return (f"{path}: {key!r} is not a state dict of tensors: key {bad[0]!r} holds a "
+                    f"{type(inner[bad[0]]).__name__}, not a tensor" + _more(bad))
+    bad = _non_tensor_keys(obj)
+    if bad and len(bad) < len(obj):  # mostly tensors: a state dict with a stray value
+        return (f"{path} holds no state dict: key {bad[0]!r} holds a {type(obj[bad[0]]).__name__}, "
+                f"not a tensor" + _more(bad))
+    return (f"{path} holds no state dict: expected a dict of tensors or one under "
+            f"{', '.join(_PLAIN_KEYS + _EMA_KEYS)}; found keys {sorted(map(str, obj))[:12]}")
+
+
+def _more(bad: list[str]) -> str:
+    return f" (also {', '.join(map(repr, bad[1:6]))})" if len(bad) > 1 else ""
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -335,10 +384,7 @@ def read_outside_checkpoint(path, *, use_ema: bool | None = None) -> OutsideChec
         plain = [k for k in _PLAIN_KEYS if _is_tensor_dict(obj.get(k))]
         ema = [k for k in _EMA_KEYS if _is_tensor_dict(obj.get(k))]
         if not plain and not ema:
-            raise RegistryError(
-                f"{path} holds no state dict: expected a dict of tensors or one under "
-                f"{', '.join(_PLAIN_KEYS + _EMA_KEYS)}; found keys {sorted(map(str, obj))[:12]}"
-            )
+            raise RegistryError(_no_state_dict_message(path, obj))
         if plain and ema and use_ema is None:
             raise RegistryError(
                 f"{path} holds both EMA ({ema[0]}) and non-EMA ({plain[0]}) weights; choose one "

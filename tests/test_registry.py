@@ -146,9 +146,9 @@ def test_queries_update_remove(tmp_path, monkeypatch):
     assert reg.get("r-fold0").metrics == {"val_macro_f1": 0.9} and updated.oof == "r/oof.npz"
     assert reg.verify() == [("r-fold0", f"OOF logits file of 'r-fold0' is missing: {tmp_path / 'r/oof.npz'}")]
     (tmp_path / "r" / "oof.npz").write_bytes(b"")  # there, but not OOF logits: what tune-weights reads is checked
-    assert [p for _, p in reg.verify()] == [
-        f"OOF logits file of 'r-fold0': logits file {tmp_path / 'r/oof.npz'} is not a readable .npz file "
-        f"(EOFError: No data left in file)"]
+    [(_, problem)] = reg.verify()
+    assert problem.startswith(f"OOF logits file of 'r-fold0': logits file {tmp_path / 'r/oof.npz'} is not a "
+                              f"readable .npz file: it is empty, not an npz archive"), problem
     ids = np.array(["x", "y"])
     write_logits(tmp_path / "r" / "oof.npz", Logits(ids, np.zeros((2, 3)), label_space=ABC,
                                                    labels=np.array([0, 1]), folds=np.array([0, 1])))

@@ -229,3 +229,96 @@ def test_add_refuses_loader_kwargs_off_the_allowlist_and_keeps_the_safe_ones(tmp
     e = reg.add(tiny_model(num_classes=2), family="s", fold=0, arch="test_resnet", head="flat", label_space=AB,
                 model_kwargs={"drop_rate": 0.2})
     assert reg.load_model(e.id) is not None and reg.verify() == []
+
+
+# ---------------------------------------------------------------------------- file messages
+@pytest.mark.parametrize("content,kind", [("hello world\n", "it is a text file (it starts 'hello world')"),
+                                          ("model weights v1\n", "it is a text file (it starts 'model weights v1')"),
+                                          ("", "it is empty")])
+def test_a_text_file_named_pth_is_not_a_pytorch_checkpoint(tmp_path, capsys, content, kind):
+    reg = _registry(tmp_path)
+    (tmp_path / "t.pth").write_text(content)
+    before = _snapshot(tmp_path)
+    rc, err = _cli(capsys, "registry", "import", str(tmp_path / "t.pth"), "--arch", "test_resnet",
+                   "--num-classes", "2", "--registry", str(reg.root))
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"t.pth is not a PyTorch checkpoint: {kind}; expected a file written by torch.save" in err, err
+    assert "weights_only" not in err and "likely succeed" not in err and "KeyError" not in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_pickle_that_needs_code_is_refused_without_torchs_advice(tmp_path, capsys):
+    import torch
+
+    reg = _registry(tmp_path)
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": tiny_model(num_classes=2).state_dict(), "payload": RunsCode(marker)}, tmp_path / "evil.pth")
+    before = _snapshot(tmp_path)
+    rc, err = _cli(capsys, "registry", "import", str(tmp_path / "evil.pth"), "--arch", "test_resnet",
+                   "--num-classes", "2", "--registry", str(reg.root))
+    assert rc == 2 and "refused to load" in err and "evil.pth for safety" in err and "(it needs io.open)" in err, err
+    assert "weights_only=False" not in err and "likely succeed" not in err and "can still be loaded" not in err, err
+    assert not marker.exists() and _snapshot(tmp_path) == before
+
+
+def test_a_state_dict_with_a_string_value_names_the_key(tmp_path, capsys):
+    import torch
+
+    reg = _registry(tmp_path)
+    sd = tiny_model(num_classes=2).state_dict()
+    torch.save({**sd, "fc.note": "hello"}, tmp_path / "bare.pth")
+    torch.save({"state_dict": {**sd, "fc.note": "hello"}, "epoch": 3}, tmp_path / "wrapped.pth")
+    before = _snapshot(tmp_path)
+    for name, expected in (("bare.pth", "bare.pth holds no state dict: key 'fc.note' holds a str, not a tensor"),
+                           ("wrapped.pth", "wrapped.pth: 'state_dict' is not a state dict of tensors: key 'fc.note' "
+                                           "holds a str, not a tensor")):
+        rc, err = _cli(capsys, "registry", "import", str(tmp_path / name), "--arch", "test_resnet",
+                       "--num-classes", "2", "--registry", str(reg.root))
+        assert rc == 2 and expected in err, err
+    assert _snapshot(tmp_path) == before
+
+
+def _oof_commands(tmp_path, path):
+    return [["evaluate", "--logits", str(path)], ["tune-weights", "--oof", str(path), "--out", str(tmp_path / "r.json")]]
+
+
+@pytest.mark.parametrize("content,kind", [(b"hello world\n", "it is a text file (it starts 'hello world')"),
+                                          (b"\x00\x01\x02\x03binary", r"it starts with the bytes b'\x00\x01\x02\x03bina'"),
+                                          (b"", "it is empty")])
+def test_a_file_named_npz_that_is_not_an_npz_archive_is_named(tmp_path, capsys, content, kind):
+    path = tmp_path / "t.npz"
+    path.write_bytes(content)
+    before = _snapshot(tmp_path)
+    for argv in _oof_commands(tmp_path, path):
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and "Traceback" not in err, (argv, err)
+        assert f"logits file {path} is not a readable .npz file: {kind}, not an npz archive; expected an .npz" in err, err
+        assert "pickled" not in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_bare_npy_says_what_layout_is_expected(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "b.npy"
+    np.save(path, np.zeros((3, 2)))
+    before = _snapshot(tmp_path)
+    for argv in _oof_commands(tmp_path, path):
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and "Traceback" not in err and "TypeError" not in err, (argv, err)
+        assert (f"logits file {path} is a bare .npy array (float64 (3, 2)), not a logits file: expected an .npz "
+                "archive holding 'ids' (N,) and 'logits' (N, C) arrays") in err, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_object_arrays_in_an_npz_are_refused_naming_the_array(tmp_path, capsys):
+    import numpy as np
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "o.npz"
+    np.savez(path, ids=np.array(["a", "b"]), logits=np.array([RunsCode(marker), 1.0], dtype=object))
+    before = _snapshot(tmp_path)
+    for argv in _oof_commands(tmp_path, path):
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and f"logits file {path}: array 'logits' is an object array" in err and "refused" in err, err
+    assert not marker.exists() and _snapshot(tmp_path) == before
