@@ -36,7 +36,7 @@ from ._io import refuse_existing
 from .errors import DataError, EnsemblerError, LogitError, ParameterError
 from .labels import LabelSpace
 from .age_bands import check_age_bands, member_age_bands  # noqa: F401
-from .names import COMPOSE_SEP
+from .member_plan import MemberPlan, composed_plan, recipe_plan
 
 __all__ = ["PredictionResult", "check_age_bands", "member_age_bands", "predict"]
 
@@ -173,9 +173,8 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
     ...               out="submissions/tuned.csv")  # doctest: +SKIP
     >>> res.submission.path, res.repeat_message()  # doctest: +SKIP
     """
-    from .ensemble import Recipe, tie_rate, vote as vote_fn
-    from .ensemble.voting import VOTE_RULES
-    from .infer import parse_tta, predict_members
+    from .ensemble import Recipe
+    from .infer import parse_tta
     from .infer.tta import check_merge
 
     registry = _as_registry(registry)
@@ -183,129 +182,41 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
     merge_rule = check_merge(merge if merge is not None else "mean-logits")
     if isinstance(recipe, (str, os.PathLike)):
         recipe = Recipe.load(recipe)
-    if recipe is None and vote not in VOTE_RULES:
-        raise ParameterError("vote", f"vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
-    if out is not None:
-        out = Path(out)
-        # Before any forward: an existing submission is kept unless --overwrite (the one rule
-        # for files a user names), and a ledger that cannot be read fails now, not after inference.
-        refuse_existing(out, overwrite=overwrite)
-        from .submit import LEDGER_NAME, read_ledger
-
-        read_ledger(ledger if ledger is not None else out.parent / LEDGER_NAME)
-    from .device import resolve_device
-
-    resolve_device(device)  # a bad --device fails before the data is decoded
-
+    out = _check_before_any_work(recipe, vote, weights, out, overwrite, ledger, device)
     if recipe is not None:
-        if weights is not None:
-            raise ParameterError("weights", "weights cannot be combined with a recipe (the recipe holds the weights)")
-        specs = [m.name for m in recipe.active_members]
-        parts_of = {m.name: list(m.parts) for m in recipe.active_members}
-        source_of = {m.name: m.source for m in recipe.active_members}
-        rule = recipe.vote
-        # Each member's plan: the caller's when given, else the one it was tuned with.
-        runs = {m.name: (parse_tta(tta if tta is not None else (m.tta or "none")),
-                         check_merge(merge if merge is not None else (m.merge or "mean-logits")))
-                for m in recipe.active_members}
+        mp = recipe_plan(recipe, tta, merge)
     else:
-        specs = registry.member_names(members)
-        parts_of = {s: s.split(COMPOSE_SEP) if COMPOSE_SEP in s else [] for s in specs}
-        source_of = {s: s for s in specs}
-        rule = vote
-        runs = {s: (plan, merge_rule) for s in specs}
-
-    atoms = _atoms([source_of[s] for s in specs], {source_of[s]: parts_of[s] for s in specs})
+        mp = MemberPlan(registry.member_names(members), rule=vote, plan=plan, merge=merge_rule)
+    atoms = mp.atoms()
     resolved = dict(registry.members(atoms))  # RegistryError naming unknown members
     if recipe is not None:
         _check_recipe_against_registry(recipe, resolved)
     else:
-        # Per-factor families: composed when 'all' covers each factor once, else refused here, before any forward.
-        from .ensemble import entry_label_space, plan_compositions
-
-        asked = [x.strip() for x in members.split(",")] if isinstance(members, str) else [str(x) for x in members]
-        families = [(f, entry_label_space(registry.family(f)[0])) for f in registry.families()]
-        specs = plan_compositions([(s, None if parts_of[s] else entry_label_space(resolved[s][0])) for s in specs],
-                                  asked_all="all" in asked, available=families)
-        parts_of = {s: s.split(COMPOSE_SEP) if COMPOSE_SEP in s else [] for s in specs}
-        source_of = {s: s for s in specs}
-        runs = {s: (plan, merge_rule) for s in specs}
+        mp = composed_plan(registry, members, mp, resolved)
     check_age_bands(table, {a: resolved[a] for a in atoms})
-    w = _check_vote_weights(rule, weights, specs) if recipe is None else None
-    for s in specs:  # a plan that cannot run on a member's input size fails before any forward
-        for a in parts_of[s] or [source_of[s]]:
-            for e in resolved[a]:
-                try:
-                    runs[s][0].check_input(e.pre.input_size)
-                except EnsemblerError as exc:
-                    raise type(exc)(f"member {s!r}, checkpoint {e.id!r}: {exc}") from None
+    w = _check_vote_weights(mp.rule, weights, mp.specs) if recipe is None else None
+    mp.check_input_sizes(resolved)
     # Class maps are checked from the registry entries, before any forward: members that predict
     # different classes, a recipe for other classes, labeled data whose classes are not the members'.
-    by_atom = _entry_spaces(atoms, resolved)
-    space = _joint_space(specs, parts_of, {**by_atom, **{s: by_atom[source_of[s]] for s in specs if not parts_of[s]}})
+    space = mp.label_space(resolved)
     if recipe is not None:
         _check_classes(recipe.classes, space, "recipe")
     table = _with_label_space(table, space)
 
-    # One engine call per distinct (plan, merge): every model of it in one pass (decode once per
-    # geometry, cached logits reused); a recipe of chosen views runs each view only where chosen.
-    groups: dict[tuple[str, str], list[str]] = {}
-    for s in specs:
-        groups.setdefault((runs[s][0].spec, runs[s][1]), []).append(s)
-    outs: dict[tuple[str, str], dict] = {}
-    for (spec, rule_m), members_g in groups.items():
-        group_atoms = _atoms([source_of[s] for s in members_g], {source_of[s]: parts_of[s] for s in members_g})
-        outs[(spec, rule_m)] = predict_members(table, group_atoms, registry, tta=runs[members_g[0]][0], merge=rule_m,
-                                               backend=backend, batch_size=batch_size, workers=workers,
-                                               device=device, cache_dir=cache_dir, use_cache=use_cache,
-                                               progress=progress, executor=executor)
+    outs = _run_engine(table, mp, registry, backend=backend, batch_size=batch_size, workers=workers, device=device,
+                       cache_dir=cache_dir, use_cache=use_cache, progress=progress, executor=executor)
     engine_out = _engine_out(outs)
     # Each member's own engine output (its plan's), keyed by the names its parts have.
-    own = {s: outs[(runs[s][0].spec, runs[s][1])] for s in specs}
+    own = {s: outs[mp.key(s)] for s in mp.specs}
     ids = np.asarray(table.ids).astype(str)
-    joint = {s: _member_joint_logits(source_of[s], parts_of[s], own[s]) for s in specs}
-
-    if recipe is not None:
-        pred, probs = recipe.apply(joint)
-        ties = tie_rate(probs) if rule == "hard" else None
-        weights_used = [m.weight for m in recipe.active_members]
-    else:
-        res = vote_fn(joint, rule, weights=w, names=specs)  # LogitError / ParameterError
-        pred, probs = res.pred, res.probs
-        ties = res.tie_rate if rule == "hard" else None
-        weights_used = None if w is None else [float(x) for x in w]
-
-    fingerprint = next(iter(engine_out.values())).meta.get("fingerprint") or table.fingerprint()
-    plans = sorted({(runs[s][0].spec, runs[s][1]) for s in specs})
-    records = _member_records(specs, parts_of, resolved, source_of)
-    for rec in records:
-        s = rec["name"]
-        rec["tta"], rec["merge"] = runs[s][0].spec, runs[s][1]
-        rec["cached"] = all(own[s][a].meta.get("cached") for a in parts_of[s] or [source_of[s]])
-    inputs = {
-        "recipe_hash": recipe.hash() if recipe is not None else None,
-        "members": records,
-        "vote": rule,
-        "weights": weights_used,
-        "tta": plans[0][0] if len(plans) == 1 else "per member",
-        "merge": plans[0][1] if len(plans) == 1 else "per member",
-        "checkpoint_views": int(sum(len(parse_tta(sp)) * len(resolved[a])
-                                      for (sp, _), ms in groups.items()
-                                      for a in _atoms([source_of[s] for s in ms],
-                                                      {source_of[s]: parts_of[s] for s in ms}))),
-        "backend": backend,
-        "data_fingerprint": fingerprint,
-        "data": table.describe(),
-        "rows": int(len(ids)),
-        # members whose recorded plan the caller's tta replaced: {name: recorded plan}
-        "tta_replaced": {m.name: m.tta for m in (recipe.active_members if recipe is not None else [])
-                         if tta is not None and m.tta and parse_tta(m.tta).spec != runs[m.name][0].spec},
-    }
+    joint = {s: _member_joint_logits(mp.source_of[s], mp.parts_of[s], own[s]) for s in mp.specs}
+    pred, probs, ties, weights_used = _combine(recipe, mp.rule, joint, w, mp.specs)
+    inputs = _inputs_record(table, recipe, mp, resolved, own, engine_out, weights_used, backend, tta, len(ids))
     result = PredictionResult(ids=ids, pred=np.asarray(pred, dtype=np.int64), probs=np.asarray(probs),
-                              label_space=space, vote=rule, members=list(specs), weights=weights_used,
+                              label_space=space, vote=mp.rule, members=list(mp.specs), weights=weights_used,
                               member_logits=engine_out, tie_rate=ties,
                               recipe_hash=inputs["recipe_hash"], inputs=inputs,
-                              member_parts={k: list(v) for k, v in parts_of.items() if v}, table=table,
+                              member_parts={k: list(v) for k, v in mp.parts_of.items() if v}, table=table,
                               joint=joint)
     if out is not None:
         from .submit import write_submission
@@ -315,6 +226,89 @@ def predict(table, registry=None, *, members: str | Sequence[str] = "all", vote:
     return result
 
 
+
+def _check_before_any_work(recipe, vote, weights, out, overwrite, ledger, device):
+    """The checks that need no model: vote rule, weights vs recipe, the output file, its ledger, the device."""
+    from .device import resolve_device
+    from .ensemble.voting import VOTE_RULES
+
+    if recipe is None and vote not in VOTE_RULES:
+        raise ParameterError("vote", f"vote must be one of {', '.join(VOTE_RULES)}, got {vote!r}")
+    if recipe is not None and weights is not None:
+        raise ParameterError("weights", "weights cannot be combined with a recipe (the recipe holds the weights)")
+    if out is not None:
+        out = Path(out)
+        # Before any forward: an existing submission is kept unless --overwrite (the one rule
+        # for files a user names), and a ledger that cannot be read fails now, not after inference.
+        refuse_existing(out, overwrite=overwrite)
+        from .submit import LEDGER_NAME, read_ledger
+
+        read_ledger(ledger if ledger is not None else out.parent / LEDGER_NAME)
+    resolve_device(device)  # a bad --device fails before the data is decoded
+    return out
+
+
+
+
+
+def _run_engine(table, mp: MemberPlan, registry, **engine_kw) -> dict[tuple[str, str], dict]:
+    """One engine call per distinct (plan, merge): every model of it in one pass.
+
+    The engine decodes once per geometry and reuses cached logits; a recipe of chosen views
+    runs each view only where chosen.
+    """
+    from .infer import predict_members
+
+    outs = {}
+    for key, members_g in mp.groups().items():
+        outs[key] = predict_members(table, mp.atoms(members_g), registry, tta=mp.runs[members_g[0]][0],
+                                    merge=key[1], **engine_kw)
+    return outs
+
+
+def _combine(recipe, rule, joint, w, specs):
+    """Predictions, probabilities, hard-vote tie rate and the weights used: the recipe's, or the vote's."""
+    from .ensemble import tie_rate, vote as vote_fn
+
+    if recipe is not None:
+        pred, probs = recipe.apply(joint)
+        return pred, probs, (tie_rate(probs) if rule == "hard" else None), [m.weight for m in recipe.active_members]
+    res = vote_fn(joint, rule, weights=w, names=specs)  # LogitError / ParameterError
+    return (res.pred, res.probs, res.tie_rate if rule == "hard" else None,
+            None if w is None else [float(x) for x in w])
+
+
+def _inputs_record(table, recipe, mp: MemberPlan, resolved, own, engine_out, weights_used, backend, tta,
+                   rows: int) -> dict:
+    """What produced the prediction, as the ledger row records it."""
+    from .infer import parse_tta
+
+    fingerprint = next(iter(engine_out.values())).meta.get("fingerprint") or table.fingerprint()
+    plans = sorted({mp.key(s) for s in mp.specs})
+    records = _member_records(mp.specs, mp.parts_of, resolved, mp.source_of)
+    for rec in records:
+        s = rec["name"]
+        rec["tta"], rec["merge"] = mp.key(s)
+        rec["cached"] = all(own[s][a].meta.get("cached") for a in mp.parts_of[s] or [mp.source_of[s]])
+    return {
+        "recipe_hash": recipe.hash() if recipe is not None else None,
+        "members": records,
+        "vote": mp.rule,
+        "weights": weights_used,
+        "tta": plans[0][0] if len(plans) == 1 else "per member",
+        "merge": plans[0][1] if len(plans) == 1 else "per member",
+        "checkpoint_views": int(sum(len(parse_tta(sp)) * len(resolved[a])
+                                    for (sp, _), ms in mp.groups().items() for a in mp.atoms(ms))),
+        "backend": backend,
+        "data_fingerprint": fingerprint,
+        "data": table.describe(),
+        "rows": int(rows),
+        # members whose recorded plan the caller's tta replaced: {name: recorded plan}
+        "tta_replaced": {m.name: m.tta for m in (recipe.active_members if recipe is not None else [])
+                         if tta is not None and m.tta and parse_tta(m.tta).spec != mp.runs[m.name][0].spec},
+    }
+
+
 def _as_registry(registry):
     from .registry import Registry
 
@@ -322,14 +316,6 @@ def _as_registry(registry):
         return Registry(registry)
     return registry
 
-
-def _atoms(specs: Sequence[str], parts_of: Mapping[str, list]) -> list[str]:
-    atoms: list[str] = []
-    for s in specs:
-        for a in parts_of.get(s) or [s]:
-            if a not in atoms:
-                atoms.append(a)
-    return atoms
 
 
 def _engine_out(outs: Mapping[tuple, Mapping]) -> dict:
@@ -379,41 +365,6 @@ def _member_joint_logits(spec: str, parts: Sequence[str], engine_out: Mapping) -
     return np.asarray(compose_members([engine_out[p] for p in parts], name=spec).logits)
 
 
-def _entry_spaces(atoms, resolved) -> dict[str, LabelSpace]:
-    """Each member's label space from its registry entries (every checkpoint of a family must agree)."""
-    out = {}
-    for a in atoms:
-        entries = resolved[a]
-        first = entries[0].labels
-        for e in entries[1:]:
-            if e.labels.classes != first.classes:
-                raise LogitError(f"member {a!r}: checkpoints {entries[0].id!r} and {e.id!r} predict different "
-                                 f"classes ({list(first.classes)[:6]} vs {list(e.labels.classes)[:6]})")
-        out[a] = first
-    return out
-
-
-def _joint_space(specs, parts_of, spaces_of: Mapping[str, LabelSpace]) -> LabelSpace:
-    """The label space every member predicts in (a composition's is its parts' parent space)."""
-    spaces = []
-    for s in specs:
-        parts = parts_of.get(s) or []
-        if parts:
-            meta = spaces_of[parts[0]].meta
-            if "factor_of" not in meta:
-                raise LogitError(f"member {s!r}: {parts[0]!r} is not a per-factor model (trained with --target), "
-                                 "so it cannot be composed")
-            spaces.append((s, LabelSpace.from_dict(meta["factor_of"])))
-        else:
-            spaces.append((s, spaces_of[s]))
-    ref_name, ref = spaces[0]
-    for name, sp in spaces[1:]:
-        if sp.classes != ref.classes:
-            diff = [(a, b) for a, b in zip(ref.classes, sp.classes) if a != b][:3]
-            raise LogitError(
-                f"class maps differ: member {ref_name!r} predicts {ref.num_classes} classes, member {name!r} "
-                f"{sp.num_classes}" + (f" (e.g. {diff})" if diff else ""))
-    return ref
 
 
 def _check_classes(classes: Sequence[str], space: LabelSpace, what: str) -> None:
