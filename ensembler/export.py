@@ -135,11 +135,9 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     >>> res.input_size, res.max_abs_diff < 1e-4  # doctest: +SKIP
     ((224, 224), True)
     """
-    import onnx
-    import torch
+    import onnx  # noqa: F401 - a missing onnx fails here, before any model loads
 
     from .ensemble import Recipe
-    from .infer.onnx import make_session
     from .infer.tta import check_merge, parse_tta
     from .registry import Registry
 
@@ -149,6 +147,24 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     out = Path(out)
     refuse_existing(out, overwrite=overwrite)  # before any model loads
     _check_exportable(recipe, None)
+    _check_one_plan(recipe, plan, merge)
+    atoms = [p for m in recipe.active_members for p in (m.parts or (m.name,))]
+    resolved = dict(registry.members(list(dict.fromkeys(atoms))))
+    _check_exportable(recipe, resolved)
+    entries = list({e.id: e for a in dict.fromkeys(atoms) for e in resolved[a]}.values())
+    sources = _input_sources(entries, plan, inputs)
+    net = _ensemble_module(recipe, registry, resolved, entries, sources, plan, merge)
+    names = [INPUT_NAME] + [f"{INPUT_NAME}_{k}" for k in range(1, len(sources))]
+    meta = _export_meta(recipe, resolved, plan, merge, names, sources)
+    digest, diff = _write_checked(net, out, names, sources, meta, opset=opset, atol=atol)
+    return EnsembleExport(out, digest, meta["recipe_hash"], len(entries), len(plan), tuple(sources[0].input_size),
+                          diff, meta)
+
+
+def _check_one_plan(recipe, plan, merge) -> None:
+    """Refuse recipe members tuned with a TTA plan or merge rule other than the export's."""
+    from .infer.tta import parse_tta
+
     for m in recipe.active_members:  # recipes may carry per-member plans (tune-weights --tta)
         if m.member and m.member != m.name:
             raise ExportError(f"recipe member {m.name!r} runs registry member {m.member!r} with its own views; "
@@ -156,11 +172,10 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
         if (m.tta is not None and parse_tta(m.tta).spec != plan.spec) or (m.merge is not None and m.merge != merge):
             raise ExportError(f"recipe member {m.name!r} was tuned with TTA {m.tta!r} ({m.merge}); export with "
                               f"--tta {m.tta} --merge {m.merge or merge} (one plan for every member)")
-    atoms = [p for m in recipe.active_members for p in (m.parts or (m.name,))]
-    resolved = dict(registry.members(list(dict.fromkeys(atoms))))
-    _check_exportable(recipe, resolved)
 
-    entries = list({e.id: e for a in dict.fromkeys(atoms) for e in resolved[a]}.values())
+
+def _input_sources(entries, plan, inputs: str) -> list:
+    """The Preprocess of each graph input: the most shared geometry first (``inputs="one"``: only it)."""
     for e in entries:
         plan.check_input(e.pre.input_size)
     if inputs not in ("one", "per-geometry"):
@@ -168,9 +183,11 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
     keys = [e.pre.geometry_key for e in entries]
     distinct = sorted(dict.fromkeys(keys), key=lambda k: -keys.count(k))  # most shared first; ties: first seen
     sources = [entries[keys.index(k)].pre for k in distinct]
-    if inputs == "one":
-        sources = sources[:1]
-    src = sources[0]
+    return sources[:1] if inputs == "one" else sources
+
+
+def _ensemble_module(recipe, registry, resolved, entries, sources, plan, merge):
+    """The torch module of the whole recipe (every checkpoint loaded on the CPU), refusing over 1.9 GB of weights."""
     Checkpoint, Ensemble = graph_modules()
     index = {e.id: i for i, e in enumerate(entries)}
     nets = []
@@ -186,14 +203,14 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
                           "weight-0 or weak members, or ship fewer folds")
     members = [(m.temperature, m.weight, [[index[e.id] for e in resolved[p]] for p in (m.parts or (m.name,))])
                for m in recipe.active_members]
-    net = Ensemble(nets, members, recipe).eval()
+    return Ensemble(nets, members, recipe).eval()
 
-    h, w = src.input_size
-    names = [INPUT_NAME] + [f"{INPUT_NAME}_{k}" for k in range(1, len(sources))]
-    gen = torch.Generator().manual_seed(0)
-    example = tuple(torch.randint(0, 256, (2, 3, *p.input_size), generator=gen, dtype=torch.uint8) for p in sources)
-    check = tuple(torch.randint(0, 256, (3, 3, *p.input_size), generator=gen, dtype=torch.uint8) for p in sources)
-    meta = {
+
+def _export_meta(recipe, resolved, plan, merge, names, sources) -> dict:
+    """The ``ensembler`` metadata the model carries: recipe hash, checkpoints, TTA plan, inputs, classes."""
+    import torch
+
+    return {
         "format": FORMAT, "recipe_hash": recipe.hash(), "vote": recipe.vote, "tta": plan.spec, "merge": merge,
         "views": len(plan), "inputs": [{"name": n, **_geometry_of(p)} for n, p in zip(names, sources)],
         "classes": list(recipe.classes),
@@ -206,28 +223,59 @@ def export_ensemble(recipe, registry=None, out="ensemble.onnx", *, tta="none", m
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__},
     }
+
+
+def _write_checked(net, out: Path, names, sources, meta: dict, *, opset: int, atol: float) -> tuple[str, float]:
+    """Trace ``net`` to ``out`` with ``meta`` (atomically, only when onnxruntime agrees within ``atol``); (sha256, diff)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    example = tuple(torch.randint(0, 256, (2, 3, *p.input_size), generator=gen, dtype=torch.uint8) for p in sources)
+    check = tuple(torch.randint(0, 256, (3, 3, *p.input_size), generator=gen, dtype=torch.uint8) for p in sources)
     with atomic_path(out) as tmp:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
-            torch.onnx.export(net, example, str(tmp), input_names=names,
-                              output_names=[PROBS_NAME, PRED_NAME], opset_version=int(opset),
-                              dynamic_axes={**{n: {0: "batch"} for n in names}, PROBS_NAME: {0: "batch"},
-                                            PRED_NAME: {0: "batch"}},
-                              do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(tmp))
-        entry = model.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
-        model.producer_name = "ensembler"
-        onnx.save(model, str(tmp))
-        got = make_session(tmp, "cpu").run([PROBS_NAME], {n: x.numpy() for n, x in zip(names, check)})[0]
-        with torch.no_grad():
-            want = net(*check)[0].numpy()
-        diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+        _trace(net, example, tmp, names, opset)
+        _stamp_meta(tmp, meta)
+        diff = _max_diff(net, tmp, names, check)
         if not np.isfinite(diff) or diff > atol:
             raise ExportError(f"the exported graph does not match the torch ensemble: max abs diff {diff:.3g} > "
                               f"{atol:g}; {out} was not written")
-        digest = sha256_file(tmp)
-    return EnsembleExport(out, digest, meta["recipe_hash"], len(entries), len(plan), (h, w), diff, meta)
+        return sha256_file(tmp), diff
+
+
+def _trace(net, example, path, names, opset: int) -> None:
+    """Export ``net`` traced on ``example`` to ``path`` (legacy exporter, dynamic batch)."""
+    import torch
+
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
+        torch.onnx.export(net, example, str(path), input_names=names,
+                          output_names=[PROBS_NAME, PRED_NAME], opset_version=int(opset),
+                          dynamic_axes={**{n: {0: "batch"} for n in names}, PROBS_NAME: {0: "batch"},
+                                        PRED_NAME: {0: "batch"}},
+                          do_constant_folding=True, dynamo=False)
+
+
+def _stamp_meta(path, meta: dict) -> None:
+    """Write ``meta`` into the ONNX file's metadata under :data:`META_KEY`."""
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
+    model.producer_name = "ensembler"
+    onnx.save(model, str(path))
+
+
+def _max_diff(net, path, names, check) -> float:
+    """Largest abs difference of probabilities between onnxruntime on ``path`` and ``net`` on ``check``."""
+    import torch
+
+    from .infer.onnx import make_session
+
+    got = make_session(path, "cpu").run([PROBS_NAME], {n: x.numpy() for n, x in zip(names, check)})[0]
+    with torch.no_grad():
+        want = net(*check)[0].numpy()
+    return float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
 
 
 # ----------------------------------------------------------------------------- running it
