@@ -78,13 +78,14 @@ def apply_ops(ops, x, mats):
 
 def graph_modules():
     """The torch modules of the graph (defined lazily: no torch import at module import)."""
-    import torch
     from torch import nn
 
-    from .ensemble.stacking import LOG_FLOOR
-    from .infer.tta import merge_views
-    from .labels import joint_from_factor_logprobs
-    from .models import joint_logits
+    return _checkpoint_class(nn), _ensemble_class(nn)
+
+
+def _checkpoint_class(nn):
+    """The module class of one checkpoint: geometry, normalisation, TTA views, joint logits, merge."""
+    import torch
 
     class Checkpoint(nn.Module):
         """One checkpoint: geometry, normalisation, TTA views, joint logits, merge."""
@@ -98,16 +99,10 @@ def graph_modules():
             resize_to = entry.pre.input_size if entry.pre.fixed_input_size else None
             for v, view in enumerate(plan.views):
                 ops, size = view_ops(view, entry.pre.input_size, resize_to)
-                for i, op in enumerate(ops):
-                    if op[0] == "matrices":
-                        self.register_buffer(f"v{v}_{i}_rows", op[1])
-                        self.register_buffer(f"v{v}_{i}_cols", op[2])
+                _register_matrices(self, f"v{v}", ops)
                 self.views.append((ops, size))
             if geometry is not None:
-                for i, op in enumerate(geometry):
-                    if op[0] == "matrices":
-                        self.register_buffer(f"g_{i}_rows", op[1])
-                        self.register_buffer(f"g_{i}_cols", op[2])
+                _register_matrices(self, "g", geometry)
 
         def _mats(self, prefix, ops):
             return {i: (getattr(self, f"{prefix}_{i}_rows"), getattr(self, f"{prefix}_{i}_cols"))
@@ -118,21 +113,50 @@ def graph_modules():
                 x = apply_ops(self.geometry, x, self._mats("g", self.geometry))
                 x = x.round().clamp(0.0, 255.0)  # the engine's geometry gives uint8 levels
             x = (x - self.mean) / self.std
-            groups: dict = {}
-            for v, (_, size) in enumerate(self.views):
-                groups.setdefault(size, []).append(v)
-            per_view = [None] * len(self.views)
-            for idx in groups.values():  # views of one size stacked in the batch: one forward
-                stacked = torch.cat([apply_ops(self.views[v][0], x, self._mats(f"v{v}", self.views[v][0]))
-                                     for v in idx], dim=0)
-                out = self.model(stacked)
-                out = out.reshape(len(idx), -1, out.shape[-1])
-                for j, v in enumerate(idx):
-                    per_view[v] = out[j]
-            views = torch.stack(per_view, dim=1)  # (B, V, K)
-            k = views.shape[-1]
-            joint = joint_logits(views.reshape(-1, k), self.head, self.labels)
-            return merge_views(joint.reshape(-1, len(self.views), joint.shape[-1]), self.merge)
+            views = _view_outputs(self.model, x, self.views, self._mats)  # (B, V, K)
+            return _merged_joint(views, len(self.views), self.head, self.labels, self.merge)
+
+    return Checkpoint
+
+
+def _register_matrices(module, prefix: str, ops) -> None:
+    """Register each resize op's (rows, cols) matrices as buffers ``{prefix}_{i}_rows/_cols``."""
+    for i, op in enumerate(ops):
+        if op[0] == "matrices":
+            module.register_buffer(f"{prefix}_{i}_rows", op[1])
+            module.register_buffer(f"{prefix}_{i}_cols", op[2])
+
+
+def _view_outputs(model, x, views, mats):
+    """(B, V, K) model outputs of every view; views of one size stacked in the batch: one forward."""
+    import torch
+
+    groups: dict = {}
+    for v, (_, size) in enumerate(views):
+        groups.setdefault(size, []).append(v)
+    per_view = [None] * len(views)
+    for idx in groups.values():
+        stacked = torch.cat([apply_ops(views[v][0], x, mats(f"v{v}", views[v][0])) for v in idx], dim=0)
+        out = model(stacked)
+        out = out.reshape(len(idx), -1, out.shape[-1])
+        for j, v in enumerate(idx):
+            per_view[v] = out[j]
+    return torch.stack(per_view, dim=1)
+
+
+def _merged_joint(views, n_views: int, head, labels, merge):
+    """Per-view outputs (B, V, K) as joint logits, merged over the views by ``merge``."""
+    from .infer.tta import merge_views
+    from .models import joint_logits
+
+    k = views.shape[-1]
+    joint = joint_logits(views.reshape(-1, k), head, labels)
+    return merge_views(joint.reshape(-1, n_views, joint.shape[-1]), merge)
+
+
+def _ensemble_class(nn):
+    """The module class of the recipe: members (mean over folds, composed parts), temperatures, vote, biases."""
+    import torch
 
     class Ensemble(nn.Module):
         """Members (mean over folds, composed parts), temperatures, the vote, class biases."""
@@ -145,48 +169,80 @@ def graph_modules():
             biases = recipe.class_biases
             self.register_buffer("biases", None if biases is None else torch.tensor(biases, dtype=torch.float32))
             if self.rule == "stack":  # the fitted regression on floored log-softmax features
-                st = recipe.stack
-                self.register_buffer("coef", torch.tensor(st["coef"], dtype=torch.float32).T.contiguous())
-                self.register_buffer("intercept", torch.tensor(st["intercept"], dtype=torch.float32))
-                known = torch.full((len(st["intercept"]),), float("-inf"))
-                known[list(st["classes"])] = 0.0
-                self.register_buffer("known", known)  # classes the stack never saw get -inf
+                _register_stack(self, recipe.stack)
 
         def forward(self, *images):
             xs = [im.float() for im in images]
             outs = [c(xs[c.source]) for c in self.checkpoints]
-            zs, ws = [], []
-            for temperature, weight, parts in self.members:
-                logits = [torch.stack([outs[i] for i in part]).mean(dim=0) for part in parts]
-                z = logits[0] if len(logits) == 1 else joint_from_factor_logprobs(
-                    [torch.log_softmax(p, dim=-1) for p in logits])
-                zs.append(z / temperature)
-                ws.append(1.0 if self.rule == "soft" else weight)
-            total = sum(ws)
+            zs, ws = _member_logits(outs, self.members, self.rule)
             if self.rule == "stack":
-                feats = torch.cat([torch.log_softmax(z, dim=-1).clamp_min(LOG_FLOOR) for z in zs], dim=-1)
-                logp = torch.log_softmax(feats @ self.coef + self.intercept + self.known, dim=-1)
-                if self.biases is not None:
-                    logp = logp + self.biases
-                probs = torch.softmax(logp, dim=-1)
-                return probs, probs.argmax(dim=-1)
-            if self.rule == "hard":
-                num = zs[0].shape[-1]
-                classes = torch.arange(num, device=zs[0].device)
-                counts = sum(w * (z.argmax(dim=-1, keepdim=True) == classes).float() for z, w in zip(zs, ws))
-                probs = counts / counts.sum(dim=-1, keepdim=True)
-            elif self.rule in ("soft", "weighted"):
-                probs = sum(w * torch.softmax(z, dim=-1) for z, w in zip(zs, ws)) / total
-            elif self.rule == "gmean":
-                probs = torch.softmax(sum(w * torch.log_softmax(z, dim=-1) for z, w in zip(zs, ws)) / total, dim=-1)
-            else:  # logits
-                probs = torch.softmax(sum(w * z for z, w in zip(zs, ws)) / total, dim=-1)
-            if self.biases is not None:
-                probs = torch.softmax(torch.log(probs) + self.biases, dim=-1)
+                probs = _stack_probs(zs, self.coef, self.intercept, self.known, self.biases)
+            else:
+                probs = _vote_probs(self.rule, zs, ws, self.biases)
             return probs, probs.argmax(dim=-1)
 
-    return Checkpoint, Ensemble
+    return Ensemble
 
+
+def _register_stack(module, st: dict) -> None:
+    """Register a stack's coefficients, intercept and known-class mask (unseen classes -inf) as buffers."""
+    import torch
+
+    module.register_buffer("coef", torch.tensor(st["coef"], dtype=torch.float32).T.contiguous())
+    module.register_buffer("intercept", torch.tensor(st["intercept"], dtype=torch.float32))
+    known = torch.full((len(st["intercept"]),), float("-inf"))
+    known[list(st["classes"])] = 0.0
+    module.register_buffer("known", known)  # classes the stack never saw get -inf
+
+
+def _member_logits(outs, members, rule: str):
+    """Each member's logits (mean over its folds; composed parts joined) over its temperature, and its weight."""
+    import torch
+
+    from .labels import joint_from_factor_logprobs
+
+    zs, ws = [], []
+    for temperature, weight, parts in members:
+        logits = [torch.stack([outs[i] for i in part]).mean(dim=0) for part in parts]
+        z = logits[0] if len(logits) == 1 else joint_from_factor_logprobs(
+            [torch.log_softmax(p, dim=-1) for p in logits])
+        zs.append(z / temperature)
+        ws.append(1.0 if rule == "soft" else weight)
+    return zs, ws
+
+
+def _stack_probs(zs, coef, intercept, known, biases):
+    """The stack's probabilities: its regression on floored log-softmax features, then the class biases."""
+    import torch
+
+    from .ensemble.stacking import LOG_FLOOR
+
+    feats = torch.cat([torch.log_softmax(z, dim=-1).clamp_min(LOG_FLOOR) for z in zs], dim=-1)
+    logp = torch.log_softmax(feats @ coef + intercept + known, dim=-1)
+    if biases is not None:
+        logp = logp + biases
+    return torch.softmax(logp, dim=-1)
+
+
+def _vote_probs(rule: str, zs, ws, biases):
+    """The vote's probabilities (hard, soft/weighted, gmean or logits) over member logits, then the class biases."""
+    import torch
+
+    total = sum(ws)
+    if rule == "hard":
+        num = zs[0].shape[-1]
+        classes = torch.arange(num, device=zs[0].device)
+        counts = sum(w * (z.argmax(dim=-1, keepdim=True) == classes).float() for z, w in zip(zs, ws))
+        probs = counts / counts.sum(dim=-1, keepdim=True)
+    elif rule in ("soft", "weighted"):
+        probs = sum(w * torch.softmax(z, dim=-1) for z, w in zip(zs, ws)) / total
+    elif rule == "gmean":
+        probs = torch.softmax(sum(w * torch.log_softmax(z, dim=-1) for z, w in zip(zs, ws)) / total, dim=-1)
+    else:  # logits
+        probs = torch.softmax(sum(w * z for z, w in zip(zs, ws)) / total, dim=-1)
+    if biases is not None:
+        probs = torch.softmax(torch.log(probs) + biases, dim=-1)
+    return probs
 
 
 def member_geometry(src, pre) -> list | None:
