@@ -176,19 +176,28 @@ class FoldRunner:
         interrupted run being resumed: :meth:`check_fresh` refused any other), and it does not
         touch the registry index: :meth:`register` records the result on the driver.
         """
-        cfg = self.config
         train_idx, val_idx = self.fold_rows(fold)
-        fold_dir = self.fam_dir / f"fold{fold}"
-        state_path = fold_dir / STATE_NAME
+        model = self._fold_model(fold)
+        train_loader, val_loader, generator = self._fold_loaders(train_idx, val_idx)
+        outcome = self._run_loop(fold, model, train_loader, val_loader, generator, callbacks)
+        # Crash safety: logits, weights and history are written here, then the driver records
+        # the entry (what marks the fold finished) and deletes the resume state; a crash in
+        # between leaves files no reader sees and a state that finishes at once on resume.
+        return self._write_fold(fold, outcome, train_idx, val_idx)
 
+    def _fold_model(self, fold: int):
+        """The fold's model (the prepared one, else built with the fold's seed) on the device."""
         model = self._prepared.pop(fold, None)
         if model is None:
             model = self._seeded_model(fold)
         model = model.to(self.device)
-        if cfg.channels_last:
+        if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        return model
 
-        paths = self.split.paths
+    def _fold_loaders(self, train_idx, val_idx):
+        """(train loader, validation loader, the train loader's generator) over the fold's rows."""
+        cfg, paths = self.config, self.split.paths
         train_ds = ImageDataset(paths[train_idx], self.targets[train_idx], train_transform(self.preprocess, self.augment))
         val_ds = ImageDataset(paths[val_idx], self.targets[val_idx], self.preprocess.geometry_transform())
         generator = torch.Generator()
@@ -197,28 +206,29 @@ class FoldRunner:
                                    generator=generator, drop_last=len(train_ds) > cfg.batch_size, pin_memory=pin)
         val_loader = make_loader(val_ds, batch_size=cfg.batch_size, shuffle=False, workers=cfg.workers,
                                  pin_memory=pin)
+        return train_loader, val_loader, generator
 
+    def _run_loop(self, fold: int, model, train_loader, val_loader, generator, callbacks):
+        """Run the training loop of one fold (optimiser, schedule, scaler, loss built here); errors name the fold."""
+        from ..models import joint_logits
+
+        cfg, head, space = self.config, self.config.head, self.label_space
         optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
         scheduler = None
         if cfg.scheduler != "none" or cfg.warmup_epochs > 0:
             scheduler = build_scheduler(optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=len(train_loader),
                                         warmup_epochs=cfg.warmup_epochs, min_factor=cfg.min_lr)
         scaler = torch.amp.GradScaler("cuda") if self.use_scaler else None
-        factor_sizes = head_blocks(self.label_space, cfg.head)  # None for a flat head
-        loss_fn = TrainLoss(cfg.loss, factor_sizes=factor_sizes, weights=cfg.loss_weights,
-                            gamma=cfg.focal_gamma, smoothing=cfg.smoothing)
-
-        from ..models import joint_logits
-
-        head, space = cfg.head, self.label_space
+        loss_fn = TrainLoss(cfg.loss, factor_sizes=head_blocks(space, head), weights=cfg.loss_weights,
+                            gamma=cfg.focal_gamma, smoothing=cfg.smoothing)  # factor sizes: None for a flat head
         settings = LoopSettings(
             epochs=cfg.epochs, num_classes=space.num_classes, monitor=cfg.monitor, patience=cfg.patience,
             amp_dtype=self.amp_dtype, channels_last=cfg.channels_last, loader_seed=self.fold_seed(fold) * 10007,
-            state_path=state_path, resume=True, fold=int(fold), config=cfg.to_dict(),
+            state_path=self.fam_dir / f"fold{fold}" / STATE_NAME, resume=True, fold=int(fold), config=cfg.to_dict(),
         )
         try:
             with deterministic_mode(cfg.deterministic):
-                outcome = run_fold(
+                return run_fold(
                     model, train_loader, val_loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                     scaler=scaler, settings=settings, device=self.device, normalize=self.preprocess.normalize,
                     to_logits=lambda out: joint_logits(out, head, space), train_generator=generator,
@@ -229,11 +239,10 @@ class FoldRunner:
         except EnsemblerError as exc:
             exc.args = (f"{self.family} fold {fold}: {exc}",)  # same type, the fold named
             raise
-        best = outcome.best_record
 
-        # Crash safety: logits, weights and history are written here, then the driver records
-        # the entry (what marks the fold finished) and deletes the resume state; a crash in
-        # between leaves files no reader sees and a state that finishes at once on resume.
+    def _write_fold(self, fold: int, outcome, train_idx, val_idx) -> "TrainedFold":
+        """Write the fold's validation logits, staged weights and history; the result for the driver."""
+        cfg, best, fold_dir = self.config, outcome.best_record, self.fam_dir / f"fold{fold}"
         write_logits(fold_dir / "val_logits.npz", Logits(
             self.split.ids[val_idx], outcome.best_val_logits, label_space=self.label_space,
             labels=self.targets[val_idx], name=f"{self.family}-fold{fold}",
