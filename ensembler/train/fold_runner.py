@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -265,9 +265,10 @@ class FoldRunner:
         # Where it trained (provenance; on Ray, CUDA_VISIBLE_DEVICES is the GPUs Ray gave the task).
         record["trained_on"] = {"host": socket.gethostname(), "device": str(self.device),
                                 "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
-        return TrainedFold(int(fold), record, int(outcome.best_epoch), float(best.val_f1),
-                           float(best.val_acc), float(best.val_loss), len(outcome.history),
-                           bool(outcome.stopped_early), int(outcome.resumed_at))
+        summary = FoldSummary(int(fold), entry.id, int(outcome.best_epoch), float(best.val_f1), float(best.val_acc),
+                              float(best.val_loss), len(outcome.history), bool(outcome.stopped_early),
+                              train_idx, val_idx)
+        return TrainedFold(summary, record, int(outcome.resumed_at))
 
     def register(self, trained: "TrainedFold"):
         """Record a trained fold in the registry (under its lock) and drop its resume state; on the driver."""
@@ -276,24 +277,21 @@ class FoldRunner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             (self.fam_dir / f"fold{trained.fold}" / STATE_NAME).unlink(missing_ok=True)
-        train_idx, val_idx = self.fold_rows(trained.fold)
-        return FoldSummary(trained.fold, entry.id, trained.best_epoch, trained.val_f1, trained.val_acc,
-                           trained.val_loss, trained.epochs_run, trained.stopped_early, train_idx, val_idx)
+        return replace(trained.summary, entry_id=entry.id)
 
 
 @dataclass
 class TrainedFold:
-    """What :meth:`FoldRunner.train` sends back to the driver: numbers and the staged entry, no tensors."""
+    """What :meth:`FoldRunner.train` sends back to the driver: the fold's summary and the staged entry, no tensors."""
 
-    fold: int
+    summary: FoldSummary     # its entry_id the staged one until :meth:`FoldRunner.register` records it
     entry: dict              # the registry entry to record (weights written, sha256 set)
-    best_epoch: int
-    val_f1: float
-    val_acc: float
-    val_loss: float
-    epochs_run: int
-    stopped_early: bool
     resumed_at: int = 0      # epochs an earlier attempt had finished
+
+    @property
+    def fold(self) -> int:
+        """The fold number."""
+        return self.summary.fold
 
 
 @contextlib.contextmanager
