@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -269,68 +269,94 @@ def evaluate(table=None, registry=None, *, logits: str | os.PathLike | None = No
     >>> r = evaluate(logits="checkpoints/resnet18-flat/oof.npz", plot="cm.png")  # doctest: +SKIP
     >>> round(r.f1, 4), r.plot  # doctest: +SKIP
     """
-    from .metrics import accuracy, classification_scores, log_loss, macro_f1
+    from .metrics import accuracy, macro_f1
 
     given = [x is not None for x in (logits, recipe)] + [members is not None and logits is None]
     if sum(given) != 1:
         raise EnsemblerError("evaluate needs exactly one of --logits FILE, --recipe R or --members NAMES")
     if plot is not None:
         refuse_existing(plot, overwrite=overwrite, flag="--plot")
-    member_scores: dict = {}
-    tie_rate = None
     if logits is not None:
-        ids, z, file_labels, info = load_logits_file(logits, members=members, vote=vote, weights=weights)
-        classes = info["classes"]
-        if table is not None:
-            _check_file_age_bands(logits, info.get("age_bands"), table)
-            if table.label_space is not None and classes is not None and list(table.label_space.classes) != classes:
-                raise LogitError(f"logits file {logits}: its classes {classes[:6]}... differ from "
-                                 f"{table.describe()}'s {list(table.label_space.classes)[:6]}...")
-            if table.label_space is not None and z.shape[1] != table.label_space.num_classes:
-                raise LogitError(f"logits file {logits} has {z.shape[1]} classes, {table.describe()} has "
-                                 f"{table.label_space.num_classes}")
-            take = _align_to_table(logits, ids, table)
-            z = z[take]
-            info["members"] = {k: v[take] for k, v in info["members"].items()}
-            y = table.labels
-            classes = classes or list(table.label_space.classes)
-        elif file_labels is not None:
-            y = file_labels
-        else:
-            raise DataError(f"logits file {logits} carries no labels: pass labeled --data to score it")
-        classes = classes or [str(k) for k in range(z.shape[1])]
-        name = str(logits)
-        if len(info["members"]) > 1:
-            member_scores = {k: classification_scores(y, v, f1_labels) for k, v in info["members"].items()}
-        tie_rate = info["tie_rate"]
-        hard = info["rule"] == "hard"
-        # argmax of log-shares is the vote's own pred: the first maximum, i.e. the smallest class on ties
-        pred = z.argmax(1)
-        ll = None if hard else log_loss(y, z)
+        s = _score_logits_file(logits, table, members=members, vote=vote, weights=weights, f1_labels=f1_labels)
     else:
-        if table is None:
-            raise DataError("evaluate with --recipe/--members needs labeled --data")
-        y = table.labels  # DataError naming the data when unlabeled
-        res = predict(table, registry, members=members or "all", vote=vote, weights=weights, recipe=recipe,
-                      tta=tta, merge=merge, backend=backend, out=None, use_cache=use_cache, batch_size=batch_size,
-                      workers=workers, device=device, cache_dir=cache_dir, progress=progress)
-        y = res.table.labels  # the data's labels in the members' classes (re-indexed by name)
-        classes = list(res.label_space.classes)
-        pred = res.pred
-        hard = res.vote == "hard"
-        with np.errstate(divide="ignore"):
-            ll = None if hard else float(-np.log(np.maximum(res.probs[np.arange(len(y)), y], 1e-15)).mean())
-        tie_rate = res.tie_rate
-        if len(res.members) > 1:
-            for s in res.members:
-                member_scores[s] = classification_scores(y, res.member_joint_logits(s), f1_labels)
-        name = f"recipe {recipe}" if recipe is not None else f"{res.vote} vote over {', '.join(res.members)}"
+        s = _score_prediction(table, registry, f1_labels=f1_labels, members=members or "all", vote=vote,
+                              weights=weights, recipe=recipe, tta=tta, merge=merge, backend=backend,
+                              use_cache=use_cache, batch_size=batch_size, workers=workers, device=device,
+                              cache_dir=cache_dir, progress=progress)
+    y, pred, classes, name = s.y, s.pred, s.classes, s.name
     if len(y) == 0:
         raise DataError("nothing to evaluate: no rows")
     rows, cm = per_class_table(y, pred, classes)
     plot_path = None
     if plot is not None:
         plot_path = plot_confusion_matrix(cm, classes, plot, title=f"{Path(name).name if logits else name}"[:80])
-    return EvaluationResult(name=name, f1=macro_f1(y, pred, len(classes), f1_labels), acc=accuracy(y, pred), logloss=ll,
-                            per_class=rows, confusion=cm, classes=list(classes), rows=int(len(y)), plot=plot_path,
-                            member_scores=member_scores, tie_rate=tie_rate)
+    return EvaluationResult(name=name, f1=macro_f1(y, pred, len(classes), f1_labels), acc=accuracy(y, pred),
+                            logloss=s.logloss, per_class=rows, confusion=cm, classes=list(classes), rows=int(len(y)),
+                            plot=plot_path, member_scores=s.member_scores, tie_rate=s.tie_rate)
+
+
+class _Scored(NamedTuple):
+    """What one way of predicting gives :func:`evaluate` to score."""
+
+    name: str
+    y: np.ndarray
+    pred: np.ndarray
+    classes: list
+    logloss: float | None
+    tie_rate: float | None
+    member_scores: dict
+
+
+def _score_logits_file(path, table, *, members, vote, weights, f1_labels) -> _Scored:
+    """A logits file's prediction, labels (the table's, aligned by id, else the file's) and member scores."""
+    from .metrics import classification_scores, log_loss
+
+    ids, z, file_labels, info = load_logits_file(path, members=members, vote=vote, weights=weights)
+    classes = info["classes"]
+    if table is not None:
+        z, info["members"] = _file_on_table(path, table, ids, z, info["members"], classes, info.get("age_bands"))
+        y = table.labels
+        classes = classes or list(table.label_space.classes)
+    elif file_labels is not None:
+        y = file_labels
+    else:
+        raise DataError(f"logits file {path} carries no labels: pass labeled --data to score it")
+    classes = classes or [str(k) for k in range(z.shape[1])]
+    member_scores = {}
+    if len(info["members"]) > 1:
+        member_scores = {k: classification_scores(y, v, f1_labels) for k, v in info["members"].items()}
+    # argmax of log-shares is the vote's own pred: the first maximum, i.e. the smallest class on ties
+    ll = None if info["rule"] == "hard" else log_loss(y, z)
+    return _Scored(str(path), y, z.argmax(1), classes, ll, info["tie_rate"], member_scores)
+
+
+def _file_on_table(path, table, ids, z, member_logits: dict, classes, file_bands):
+    """A logits file's logits and member logits in the table's row order (classes and age bands checked)."""
+    _check_file_age_bands(path, file_bands, table)
+    if table.label_space is not None and classes is not None and list(table.label_space.classes) != classes:
+        raise LogitError(f"logits file {path}: its classes {classes[:6]}... differ from "
+                         f"{table.describe()}'s {list(table.label_space.classes)[:6]}...")
+    if table.label_space is not None and z.shape[1] != table.label_space.num_classes:
+        raise LogitError(f"logits file {path} has {z.shape[1]} classes, {table.describe()} has "
+                         f"{table.label_space.num_classes}")
+    take = _align_to_table(path, ids, table)
+    return z[take], {k: v[take] for k, v in member_logits.items()}
+
+
+def _score_prediction(table, registry, *, f1_labels, members, recipe, vote, **run) -> _Scored:
+    """:func:`predict` (no submission) over the labeled table, and each member alone."""
+    from .metrics import classification_scores
+
+    if table is None:
+        raise DataError("evaluate with --recipe/--members needs labeled --data")
+    y = table.labels  # DataError naming the data when unlabeled
+    res = predict(table, registry, members=members, vote=vote, recipe=recipe, out=None, **run)
+    y = res.table.labels  # the data's labels in the members' classes (re-indexed by name)
+    with np.errstate(divide="ignore"):
+        ll = None if res.vote == "hard" else float(-np.log(np.maximum(res.probs[np.arange(len(y)), y], 1e-15)).mean())
+    member_scores = {}
+    if len(res.members) > 1:
+        for s in res.members:
+            member_scores[s] = classification_scores(y, res.member_joint_logits(s), f1_labels)
+    name = f"recipe {recipe}" if recipe is not None else f"{res.vote} vote over {', '.join(res.members)}"
+    return _Scored(name, y, res.pred, list(res.label_space.classes), ll, res.tie_rate, member_scores)
