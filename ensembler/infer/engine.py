@@ -219,15 +219,7 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
         raise DataError("the data has no images: nothing to predict")
 
     members = registry.members(entries_or_names)
-    checkpoints: dict[str, Any] = {}
-    for _, entries in members:
-        for e in entries:
-            checkpoints.setdefault(e.id, e)
-    for e in checkpoints.values():
-        try:
-            plan.check_input(e.pre.input_size)
-        except EnsemblerError as exc:
-            raise type(exc)(f"checkpoint {e.id!r} (input {e.pre.input_size[0]}x{e.pre.input_size[1]}): {exc}") from None
+    checkpoints = _checkpoints_of(members, plan)
 
     dev = resolve_device(device)
     precision = resolve_precision(amp, dev, backend)
@@ -235,19 +227,9 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
     fingerprint = table.fingerprint(hashes=store.hashes)
     ids = np.asarray(table.ids).astype(str)
 
-    keys, results, from_cache = {}, {}, set()
-    for cid, e in checkpoints.items():
-        keys[cid] = store.key(producer=cid, sha256=e.sha256, tta=plan.spec, merge=merge, fingerprint=fingerprint,
-                              backend=backend, precision=precision,
-                              extra={"preprocess": e.pre.to_dict(), "head": e.head,
-                                     "classes": list(e.labels.classes)})
-        if use_cache:
-            hit = store.load(keys[cid], ids=ids)
-            if hit is not None:
-                # A hit is served only from the weights the registry recorded (as a cold run loads them).
-                check_weights(store.hashes, registry.path(e.weights), e)
-                results[cid] = hit[0]
-                from_cache.add(cid)
+    run = {"tta": plan.spec, "merge": merge, "backend": backend, "precision": precision, "fingerprint": fingerprint}
+    keys, results = _cache_hits(store, registry, checkpoints, ids, run, use_cache=use_cache)
+    from_cache = set(results)
 
     todo = [e for cid, e in checkpoints.items() if cid not in results]
     groups: dict[tuple, list] = {}
@@ -278,27 +260,62 @@ def predict_members(table, entries_or_names="all", registry=None, *, tta="none",
                     store.hashes.vouch(watched.get(e.id), e.sha256)
     store.save_hashes()  # only after a run that went through: a failed run leaves the cache as it was
 
-    out: dict[str, Logits] = {}
-    for name, entries in members:
-        spaces = {tuple(e.labels.classes) for e in entries}
-        if len(spaces) != 1:
-            raise LogitError(f"member {name!r}: its checkpoints predict different classes; "
-                             f"they cannot be averaged ({[e.id for e in entries]})")
-        shapes = {results[e.id].shape for e in entries}
-        if len(shapes) != 1:
-            raise LogitError(f"member {name!r}: checkpoint logits have different shapes {sorted(shapes)}")
-        logits = np.mean([results[e.id] for e in entries], axis=0, dtype=np.float64).astype(np.float32)
-        meta = {
-            "checkpoints": [e.id for e in entries], "sha256": {e.id: e.sha256 for e in entries},
-            "tta": plan.spec, "views": len(plan), "merge": merge, "backend": backend, "precision": precision,
-            "fingerprint": fingerprint, "cached": all(e.id in from_cache for e in entries),
-            "cached_checkpoints": [e.id for e in entries if e.id in from_cache],
-            "cache_files": [str(store.paths(keys[e.id])[0]) for e in entries],
-            "seconds": round(sum(timings.get(e.id, 0.0) for e in entries), 3),
-            "device": str(dev),
-        }
-        out[name] = Logits(ids, logits, label_space=entries[0].labels, meta=meta, name=name)
-    return out
+    shared = {**run, "views": len(plan), "device": str(dev)}
+    return {name: _member_logits(name, entries, ids, results, shared, from_cache=from_cache, timings=timings,
+                                 cache_files={e.id: str(store.paths(keys[e.id])[0]) for e in entries})
+            for name, entries in members}
+
+
+def _checkpoints_of(members, plan) -> dict[str, Any]:
+    """Every checkpoint of the members once, by id; each checked to take the plan's views."""
+    checkpoints: dict[str, Any] = {}
+    for _, entries in members:
+        for e in entries:
+            checkpoints.setdefault(e.id, e)
+    for e in checkpoints.values():
+        try:
+            plan.check_input(e.pre.input_size)
+        except EnsemblerError as exc:
+            raise type(exc)(f"checkpoint {e.id!r} (input {e.pre.input_size[0]}x{e.pre.input_size[1]}): {exc}") from None
+    return checkpoints
+
+
+def _cache_hits(store, registry, checkpoints, ids, run: dict, *, use_cache: bool) -> tuple[dict, dict]:
+    """Each checkpoint's cache key, and the logits the cache holds for it (with ``use_cache``)."""
+    keys, results = {}, {}
+    for cid, e in checkpoints.items():
+        keys[cid] = store.key(producer=cid, sha256=e.sha256, **run,
+                              extra={"preprocess": e.pre.to_dict(), "head": e.head,
+                                     "classes": list(e.labels.classes)})
+        hit = store.load(keys[cid], ids=ids) if use_cache else None
+        if hit is not None:
+            # A hit is served only from the weights the registry recorded (as a cold run loads them).
+            check_weights(store.hashes, registry.path(e.weights), e)
+            results[cid] = hit[0]
+    return keys, results
+
+
+def _member_logits(name, entries, ids, results, run: dict, *, from_cache, timings, cache_files) -> Logits:
+    """A member's logits: the mean over its checkpoints' (which must share classes and shape), with its meta."""
+    spaces = {tuple(e.labels.classes) for e in entries}
+    if len(spaces) != 1:
+        raise LogitError(f"member {name!r}: its checkpoints predict different classes; "
+                         f"they cannot be averaged ({[e.id for e in entries]})")
+    shapes = {results[e.id].shape for e in entries}
+    if len(shapes) != 1:
+        raise LogitError(f"member {name!r}: checkpoint logits have different shapes {sorted(shapes)}")
+    logits = np.mean([results[e.id] for e in entries], axis=0, dtype=np.float64).astype(np.float32)
+    meta = {
+        "checkpoints": [e.id for e in entries], "sha256": {e.id: e.sha256 for e in entries},
+        "tta": run["tta"], "views": run["views"], "merge": run["merge"], "backend": run["backend"],
+        "precision": run["precision"], "fingerprint": run["fingerprint"],
+        "cached": all(e.id in from_cache for e in entries),
+        "cached_checkpoints": [e.id for e in entries if e.id in from_cache],
+        "cache_files": [cache_files[e.id] for e in entries],
+        "seconds": round(sum(timings.get(e.id, 0.0) for e in entries), 3),
+        "device": run["device"],
+    }
+    return Logits(ids, logits, label_space=entries[0].labels, meta=meta, name=name)
 
 
 def load_forward(registry, entry, *, backend, device, precision="fp32", compile=False, onnx_threads=None):
