@@ -47,6 +47,16 @@ def printed_warnings():
         yield
 
 
+def print_submission(con, sub) -> None:
+    """The written submission (path, rows, sha256) and its ledger; the warning when it repeats an earlier one."""
+    con.print(f"submission: [bold]{escape(str(sub.path))}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)",
+              highlight=False)
+    con.print(f"ledger: {sub.ledger}", markup=False, highlight=False)
+    msg = sub.repeat_message()
+    if msg:
+        con.print(msg, style="bold yellow", markup=False, highlight=False)
+
+
 def add_group(sub, name: str, help: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """A command group (``ensembler registry ...``) whose bare form prints its help."""
     p = sub.add_parser(name, help=help, description=help)

@@ -10,7 +10,7 @@ from .._io import refuse_existing
 from ..errors import EnsemblerError
 from ..names import F1_LABEL_RULES, PREDICT_BACKENDS, VOTE_RULES
 from ._common import (add_data_args, add_engine_args, add_executor_args, add_registry_arg, console, default_workers,
-                      err_console, executor_for, parse_float_list, printed_warnings)
+                      err_console, executor_for, parse_float_list, print_submission, printed_warnings)
 
 
 def register(sub) -> None:
@@ -133,24 +133,17 @@ def cmd_predict(args) -> int:
         con.print(f"recipe: {args.recipe} (hash {res.recipe_hash[:12]})", markup=False, highlight=False)
     if res.tie_rate is not None:
         con.print(f"hard-vote ties: {res.tie_rate:.1%} of rows (broken to the smallest class index)", highlight=False)
-    con.print(f"submission: [bold]{escape(str(sub.path))}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)",
-              highlight=False)
-    con.print(f"ledger: {sub.ledger}", markup=False, highlight=False)
     replaced = res.inputs.get("tta_replaced") or {}
     if replaced:
         shown = ", ".join(f"{k} ({v})" for k, v in list(replaced.items())[:4]) + (" …" if len(replaced) > 4 else "")
         err_console().print(f"[yellow]note:[/] --tta {escape(res.inputs['tta'])} replaced the plans these recipe "
                             f"members were tuned with: {escape(shown)}; leave --tta out to run their own",
                             highlight=False)
-    msg = sub.repeat_message()
-    if msg:
-        con.print(msg, style="bold yellow", markup=False, highlight=False)
+    print_submission(con, sub)
     return 0
 
 
 def _predict_onnx_ensemble(args, table) -> int:
-    from rich.markup import escape
-
     from ..export import predict_onnx, read_ensemble_meta
 
     meta = read_ensemble_meta(args.model)
@@ -173,12 +166,7 @@ def _predict_onnx_ensemble(args, table) -> int:
               markup=False)
     if res.tie_rate is not None:
         con.print(f"hard-vote ties: {res.tie_rate:.1%} of rows (broken to the smallest class index)", highlight=False)
-    con.print(f"submission: [bold]{escape(str(sub.path))}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)",
-              highlight=False)
-    con.print(f"ledger: {sub.ledger}", markup=False, highlight=False)
-    msg = sub.repeat_message()
-    if msg:
-        con.print(msg, style="bold yellow", markup=False, highlight=False)
+    print_submission(con, sub)
     return 0
 
 

@@ -7,7 +7,7 @@ Parsing and printing only; the work is :func:`ensembler.vote_files.vote_files` a
 from __future__ import annotations
 
 from ..names import FILE_VOTES, LEADERBOARDS, TIE_BREAKS
-from ._common import add_group, console, err_console, parse_float_list
+from ._common import add_group, console, err_console, parse_float_list, print_submission
 
 
 def register(sub) -> None:
@@ -74,12 +74,7 @@ def cmd_vote_files(args) -> int:
     con.print(f"ties: {res.tie_rate:.1%} of rows (broken to {rule}); all files agree on {res.agreement:.1%}; "
               f"the vote differs from the first file on {res.changed:.1%}", highlight=False)
     sub = res.submission
-    con.print(f"submission: [bold]{escape(str(sub.path))}[/] ({sub.rows} rows, sha256 {sub.sha256[:16]}…)",
-              highlight=False)
-    con.print(f"ledger: {sub.ledger}", markup=False, highlight=False)
-    msg = sub.repeat_message()
-    if msg:
-        con.print(msg, style="bold yellow", markup=False, highlight=False)
+    print_submission(con, sub)
     return 0
 
 
