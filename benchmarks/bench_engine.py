@@ -73,6 +73,17 @@ def _write_jpegs(folder: Path, n: int, size: int = 256, seed: int = 0) -> list[s
     return paths
 
 
+def _jpeg_table(folder: Path, n: int, labels):
+    """A SampleTable of ``n`` fresh JPEGs (:func:`_write_jpegs`) in ``folder``, every row labelled 0."""
+    import pandas as pd
+
+    from ensembler.data import SampleTable
+
+    paths = _write_jpegs(folder, n)
+    return SampleTable(pd.DataFrame({"id": [f"i{i}" for i in range(n)], "path": paths, "label": [0] * n,
+                                     "group": [str(i) for i in range(n)]}), labels)
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -98,13 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ensemble:
         return bench_ensemble(args)
 
-    import pandas as pd
     import torch
     import ttach
     from rich.console import Console
     from rich.table import Table
 
-    from ensembler.data import SampleTable
     from ensembler.infer import export_onnx, parse_tta, predict_members
     from ensembler.device import resolve_device
     from ensembler.infer.engine import TorchForward, make_decode_loader, resolve_precision
@@ -132,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         tmp = Path(tmp)
-        paths = _write_jpegs(tmp / "images", n_images)
-        table = SampleTable(pd.DataFrame({"id": [f"i{i}" for i in range(n_images)], "path": paths,
-                                          "label": [0] * n_images, "group": [str(i) for i in range(n_images)]}),
-                            labels)
+        table = _jpeg_table(tmp / "images", n_images, labels)
         reg = Registry(tmp / "checkpoints")
         console.print(f"[bold]bench_engine[/] {n_images} JPEGs 256x256 · {rounds} rounds (best kept) · TTA {plan.spec} ({views} views) · "
                       f"batch {bs} · workers {workers} · device {device} ({precision}) · "
@@ -219,11 +225,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench_ensemble(args) -> int:
     """The models as one recipe: engine (torch) vs the exported ONNX ensemble at equal views."""
-    import pandas as pd
     import torch
     from rich.console import Console
 
-    from ensembler.data import SampleTable
     from ensembler.device import resolve_device
     from ensembler.ensemble import Recipe, RecipeMember
     from ensembler.export import export_ensemble, predict_onnx
@@ -244,10 +248,7 @@ def bench_ensemble(args) -> int:
     archs = [a.strip() for a in args.models.split(",") if a.strip()]
     with tempfile.TemporaryDirectory(prefix="bench_ensemble_") as tmp:
         tmp = Path(tmp)
-        paths = _write_jpegs(tmp / "images", n_images)
-        table = SampleTable(pd.DataFrame({"id": [f"i{i}" for i in range(n_images)], "path": paths,
-                                          "label": [0] * n_images, "group": [str(i) for i in range(n_images)]}),
-                            labels)
+        table = _jpeg_table(tmp / "images", n_images, labels)
         reg = Registry(tmp / "checkpoints")
         members = []
         for i, arch in enumerate(archs):
