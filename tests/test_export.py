@@ -44,17 +44,22 @@ def _shas(reg, family):
     return tuple(e.sha256 for e in reg.entries() if e.family == family)
 
 
-@pytest.fixture
-def setup(tmp_path, one_torch_thread):
+def _registry(root, eff_pre):
+    """Seeded: family 'res' (two test_resnet folds at PRE) and 'eff' (one test_efficientnet at ``eff_pre``)."""
     torch.manual_seed(0)
-    reg = Registry(tmp_path / "checkpoints")
+    reg = Registry(root)
     for fold in range(2):
         reg.add(create_model("test_resnet", label_space=LABELS), family="res", fold=fold, arch="test_resnet",
                 head="flat", label_space=LABELS, preprocess=PRE)
     reg.add(create_model("test_efficientnet", label_space=LABELS), family="eff", fold=None,
-            arch="test_efficientnet", head="flat", label_space=LABELS,
-            preprocess=Preprocess(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear"))  # imagenet mean/std
-    return _table(tmp_path / "images"), reg
+            arch="test_efficientnet", head="flat", label_space=LABELS, preprocess=eff_pre)
+    return reg
+
+
+@pytest.fixture
+def setup(tmp_path, one_torch_thread):
+    eff_pre = Preprocess(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear")  # imagenet mean/std
+    return _table(tmp_path / "images"), _registry(tmp_path / "checkpoints", eff_pre)
 
 
 def _recipe(reg, vote="weighted", biases=(0.2, -0.3, 0.05)):
@@ -123,14 +128,7 @@ def test_factored_head_and_per_factor_members_export(tmp_path, one_torch_thread)
 def test_members_with_another_geometry_are_resized_in_the_graph(tmp_path, one_torch_thread):
     """A member at another input size is resized from the input geometry inside the graph: a
     resize of the already-cropped image, so close to the engine (which resizes the original)."""
-    torch.manual_seed(0)
-    reg = Registry(tmp_path / "checkpoints")
-    for fold in range(2):
-        reg.add(create_model("test_resnet", label_space=LABELS), family="res", fold=fold, arch="test_resnet",
-                head="flat", label_space=LABELS, preprocess=PRE)
-    reg.add(create_model("test_efficientnet", label_space=LABELS), family="eff", fold=None,
-            arch="test_efficientnet", head="flat", label_space=LABELS,
-            preprocess=Preprocess(input_size=(28, 28), crop_pct=0.875, interpolation="bicubic"))
+    reg = _registry(tmp_path / "checkpoints", Preprocess(input_size=(28, 28), crop_pct=0.875, interpolation="bicubic"))
     table = _table(tmp_path / "images", size=(32, 32))
     recipe = _recipe(reg)
     want = predict(table, reg, recipe=recipe, cache_dir=tmp_path / "cache", progress=False)
