@@ -87,6 +87,17 @@ def write_image_table(folder: Path, label_space, n: int = 7, *, size=(32, 32), e
     return SampleTable(pd.DataFrame(rows), label_space, {"kind": "csv", "path": str(folder)})
 
 
+def unlabeled_table(label_space, n: int = 5):
+    """A :class:`SampleTable` of ``n`` unlabeled rows ``x0``, ``x1``... with no images (for submissions)."""
+    import pandas as pd
+
+    from ensembler.data import SampleTable
+
+    frame = pd.DataFrame({"id": [f"x{i}" for i in range(n)], "path": [f"/nowhere/{i}.png" for i in range(n)],
+                          "label": [pd.NA] * n, "group": [f"g{i}" for i in range(n)]})
+    return SampleTable(frame, label_space, {"kind": "csv", "path": "/nowhere"})
+
+
 def tiny_model(arch: str = "test_resnet", num_classes: int = 3, seed: int = 0, **kw):
     """A seeded timm test network in eval mode (no download)."""
     import timm

@@ -12,24 +12,16 @@ import errno
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from ensembler import _io
-from ensembler.data import SampleTable
 from ensembler.errors import EnsemblerError, WriteError
 from ensembler.labels import LabelSpace
 from ensembler.submit import read_ledger, write_submission
 
-from conftest import fill_disk
+from conftest import fill_disk, unlabeled_table
 
 SPACE = LabelSpace(("cat", "dog", "fox"))
-
-
-def _table(n=5):
-    frame = pd.DataFrame({"id": [f"x{i}" for i in range(n)], "path": [f"/nowhere/{i}.png" for i in range(n)],
-                          "label": [pd.NA] * n, "group": [f"g{i}" for i in range(n)]})
-    return SampleTable(frame, SPACE, {"kind": "csv", "path": "/nowhere"})
 
 
 def _snapshot(folder):
@@ -52,11 +44,11 @@ def _short_writes(monkeypatch):
 
 
 def test_short_ledger_write_is_rolled_back_with_its_new_submission(tmp_path, monkeypatch):
-    write_submission(_table(), np.array([0, 1, 2, 0, 1]), tmp_path / "a.csv", inputs={"vote": "soft"})
+    write_submission(unlabeled_table(SPACE), np.array([0, 1, 2, 0, 1]), tmp_path / "a.csv", inputs={"vote": "soft"})
     before = _snapshot(tmp_path)
     calls = _short_writes(monkeypatch)
     with pytest.raises(WriteError, match=r"cannot append to .*ledger\.jsonl: no space left on the device"):
-        write_submission(_table(), np.array([2, 2, 1, 0, 1]), tmp_path / "b.csv", inputs={"vote": "hard"})
+        write_submission(unlabeled_table(SPACE), np.array([2, 2, 1, 0, 1]), tmp_path / "b.csv", inputs={"vote": "hard"})
     assert calls, "the ledger append went through append_whole"
     monkeypatch.undo()
     assert _snapshot(tmp_path) == before  # no b.csv, no half row, no temp file
@@ -64,18 +56,18 @@ def test_short_ledger_write_is_rolled_back_with_its_new_submission(tmp_path, mon
 
 
 def test_short_ledger_write_restores_the_replaced_submission(tmp_path, monkeypatch):
-    write_submission(_table(), np.array([0, 1, 2, 0, 1]), tmp_path / "a.csv")
+    write_submission(unlabeled_table(SPACE), np.array([0, 1, 2, 0, 1]), tmp_path / "a.csv")
     before = _snapshot(tmp_path)
     _short_writes(monkeypatch)
     with pytest.raises(WriteError, match="ledger.jsonl"):
-        write_submission(_table(), np.array([2, 2, 2, 2, 2]), tmp_path / "a.csv", overwrite=True)
+        write_submission(unlabeled_table(SPACE), np.array([2, 2, 2, 2, 2]), tmp_path / "a.csv", overwrite=True)
     monkeypatch.undo()
     assert _snapshot(tmp_path) == before  # the earlier a.csv is back, byte for byte
 
 
 def test_torn_last_line_from_an_older_crash_is_reported_and_the_rest_kept(tmp_path):
-    write_submission(_table(), np.array([0, 1, 2, 0, 1]), tmp_path / "a.csv")
-    write_submission(_table(), np.array([1, 1, 2, 0, 1]), tmp_path / "b.csv")
+    write_submission(unlabeled_table(SPACE), np.array([0, 1, 2, 0, 1]), tmp_path / "a.csv")
+    write_submission(unlabeled_table(SPACE), np.array([1, 1, 2, 0, 1]), tmp_path / "b.csv")
     ledger = tmp_path / "ledger.jsonl"
     whole = ledger.read_bytes()
     ledger.write_bytes(whole + b'{"time": "2026-12-01T10:00:00", "output": "c.cs')  # cut by a crash
@@ -83,7 +75,7 @@ def test_torn_last_line_from_an_older_crash_is_reported_and_the_rest_kept(tmp_pa
         rows = read_ledger(ledger)
     assert [os.path.basename(r["output"]) for r in rows] == ["a.csv", "b.csv"]
     with pytest.warns(UserWarning, match=r"line 3: a torn last line"), pytest.warns(UserWarning, match=r"moved a torn last line .* to ledger\.jsonl\.torn"):
-        write_submission(_table(), np.array([2, 1, 2, 0, 1]), tmp_path / "c.csv")
+        write_submission(unlabeled_table(SPACE), np.array([2, 1, 2, 0, 1]), tmp_path / "c.csv")
     after = ledger.read_bytes()
     assert after.startswith(whole) and after.count(b"\n") == 3  # the two rows byte-identical, one new
     assert [os.path.basename(r["output"]) for r in read_ledger(ledger)] == ["a.csv", "b.csv", "c.csv"]
@@ -95,7 +87,7 @@ def test_a_broken_line_in_the_middle_is_still_an_error_naming_it(tmp_path):
     ledger.write_text('{"output": "a.csv"}\n{broken\n{"output": "b.csv"}\n')
     before = _snapshot(tmp_path)
     with pytest.raises(EnsemblerError, match=r"ledger\.jsonl, line 2: not valid JSON"):
-        write_submission(_table(), np.zeros(5, int), tmp_path / "s.csv")
+        write_submission(unlabeled_table(SPACE), np.zeros(5, int), tmp_path / "s.csv")
     assert _snapshot(tmp_path) == before
 
 
@@ -103,31 +95,31 @@ def test_full_disk_leaves_the_ledger_and_earlier_submissions_whole(small_tmpfs):
     """A real full disk (tmpfs): whichever write hits it, the ledger keeps only whole rows and
     the new submission stands only together with its row."""
     pad = {"note": "x" * 3000}
-    write_submission(_table(), np.array([0, 1, 2, 0, 1]), small_tmpfs / "a.csv", inputs=pad)
+    write_submission(unlabeled_table(SPACE), np.array([0, 1, 2, 0, 1]), small_tmpfs / "a.csv", inputs=pad)
     before = _snapshot(small_tmpfs)
     fill_disk(small_tmpfs)
     before_all = {k: v for k, v in _snapshot(small_tmpfs).items() if k != "filler.bin"}
     assert before_all == before
     with pytest.raises(WriteError, match=r"cannot (write|append to) .*(b\.csv|ledger\.jsonl): no space left"):
-        write_submission(_table(), np.array([2, 2, 1, 0, 1]), small_tmpfs / "b.csv", inputs=pad)
+        write_submission(unlabeled_table(SPACE), np.array([2, 2, 1, 0, 1]), small_tmpfs / "b.csv", inputs=pad)
     (small_tmpfs / "filler.bin").unlink()
     assert _snapshot(small_tmpfs) == before
     # the folder is not locked: with space again the next submission goes through
-    write_submission(_table(), np.array([2, 2, 1, 0, 1]), small_tmpfs / "b.csv", inputs=pad)
+    write_submission(unlabeled_table(SPACE), np.array([2, 2, 1, 0, 1]), small_tmpfs / "b.csv", inputs=pad)
     assert len(read_ledger(small_tmpfs / "ledger.jsonl")) == 2
 
 
 def test_full_disk_at_the_ledger_row_removes_the_new_submission(small_tmpfs):
     """The disk holds exactly one more page: the CSV takes it and the ledger row finds none."""
     ledger = small_tmpfs / "ledger.jsonl"
-    write_submission(_table(), np.array([0, 1, 2, 0, 1]), small_tmpfs / "a.csv")
+    write_submission(unlabeled_table(SPACE), np.array([0, 1, 2, 0, 1]), small_tmpfs / "a.csv")
     with open(ledger, "ab") as fh:  # pad the ledger to a whole page with a valid row
         fh.write(b'{"pad": "' + b"x" * (4096 - ledger.stat().st_size - 12) + b'"}\n')
     assert ledger.stat().st_size == 4096
     before = _snapshot(small_tmpfs)
     fill_disk(small_tmpfs, leave=4096)
     with pytest.raises(WriteError) as info:
-        write_submission(_table(), np.array([2, 2, 1, 0, 1]), small_tmpfs / "b.csv")
+        write_submission(unlabeled_table(SPACE), np.array([2, 2, 1, 0, 1]), small_tmpfs / "b.csv")
     (small_tmpfs / "filler.bin").unlink()
     assert "no space left" in str(info.value) and "ledger.jsonl" in str(info.value), str(info.value)
     assert _snapshot(small_tmpfs) == before

@@ -14,19 +14,13 @@ from ensembler.errors import DataError, EnsemblerError
 from ensembler.labels import LabelSpace
 from ensembler.submit import append_ledger, inputs_key, read_ledger, render_submission, write_submission
 
-from conftest import write_mask_eval
+from conftest import unlabeled_table, write_mask_eval
 
 SPACE = LabelSpace(("cat", "dog", "fox"))
 
 
-def _table(n=5):
-    frame = pd.DataFrame({"id": [f"x{i}" for i in range(n)], "path": [f"/nowhere/{i}.png" for i in range(n)],
-                          "label": [pd.NA] * n, "group": [f"g{i}" for i in range(n)]})
-    return SampleTable(frame, SPACE, {"kind": "csv", "path": "/nowhere"})
-
-
 def test_plain_layout_and_probability_columns(tmp_path):
-    t = _table()
+    t = unlabeled_table(SPACE)
     pred = np.array([2, 0, 1, 1, 0])
     probs = np.eye(3)[pred] * 0.8 + 0.2 / 3
     res = write_submission(t, pred, tmp_path / "s.csv", probs=probs, with_probs=True)
@@ -62,7 +56,7 @@ def test_mask_eval_layout_fills_ans_in_the_original_row_order(tmp_path):
 
 
 def test_an_existing_different_file_is_kept_unless_overwrite(tmp_path):
-    t = _table()
+    t = unlabeled_table(SPACE)
     out = tmp_path / "s.csv"
     out.write_text("precious\n")
     with pytest.raises(EnsemblerError, match="s.csv exists; pass --overwrite"):
@@ -73,7 +67,7 @@ def test_an_existing_different_file_is_kept_unless_overwrite(tmp_path):
 
 
 def test_ledger_reports_identical_outputs_and_identical_inputs(tmp_path):
-    t = _table()
+    t = unlabeled_table(SPACE)
     inputs = {"recipe_hash": "abc", "members": [{"id": "m/fold0", "sha256": "f" * 64}], "tta": "hflip",
               "vote": "soft", "data_fingerprint": "d1"}
     first = write_submission(t, np.array([0, 1, 2, 0, 1]), tmp_path / "a.csv", inputs=inputs)
@@ -100,7 +94,7 @@ def test_a_broken_ledger_line_is_named(tmp_path):
         read_ledger(ledger)
     # ... and nothing is written when the ledger beside the submission cannot be read
     with pytest.raises(EnsemblerError, match=r"ledger.jsonl, line 2"):
-        write_submission(_table(), np.zeros(5, int), tmp_path / "s.csv")
+        write_submission(unlabeled_table(SPACE), np.zeros(5, int), tmp_path / "s.csv")
     assert not (tmp_path / "s.csv").exists()
 
 
