@@ -196,3 +196,22 @@ def test_driver_killed_mid_run_resumes_locally(ray_cluster, digits_csv, tmp_path
     result = train_folds(load_source(digits_csv), config(), registry, resume=True, progress=False)
     assert result.oof_complete and [e.fold for e in registry.family("fam")] == [0, 1]
     assert np.array_equal(read_logits(reg / "fam" / "oof.npz").logits, local_reference.logits)
+
+
+def test_the_driver_shows_each_folds_epochs_and_scores_as_they_arrive(ray_cluster, digits_csv, tmp_path):
+    """One display on the driver, readable in a log file: every fold's epoch lines (with its
+    validation score) arrive from the workers, and a status line says where each fold runs."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=200, force_terminal=False, color_system=None)
+    reg = Registry(tmp_path / "reg")
+    train_folds(load_source(digits_csv), config(), reg, executor=ray_executor(), progress=True, console=console)
+    text = buf.getvalue()
+    for fold in (0, 1):
+        for epoch in range(1, EPOCHS + 1):
+            lines = [ln for ln in text.splitlines() if f"fold {fold} epoch {epoch:>3}" in ln]
+            assert lines and "val_f1 " in lines[0] and "val_loss " in lines[0], text[-3000:]
+    assert "Traceback" not in text
