@@ -98,6 +98,38 @@ def unlabeled_table(label_space, n: int = 5):
     return SampleTable(frame, label_space, {"kind": "csv", "path": "/nowhere"})
 
 
+def res_eff_registry(root: Path, label_space, res_pre, eff_pre=None, seed: int = 0):
+    """A seeded registry: family 'res' (two test_resnet folds at ``res_pre``) and 'eff' (one
+    test_efficientnet at ``eff_pre``, default ``res_pre``)."""
+    import torch
+
+    from ensembler.models import create_model
+    from ensembler.registry import Registry
+
+    torch.manual_seed(seed)
+    reg = Registry(root)
+    for fold in range(2):
+        reg.add(create_model("test_resnet", label_space=label_space), family="res", fold=fold, arch="test_resnet",
+                head="flat", label_space=label_space, preprocess=res_pre)
+    reg.add(create_model("test_efficientnet", label_space=label_space), family="eff", fold=None,
+            arch="test_efficientnet", head="flat", label_space=label_space, preprocess=eff_pre or res_pre)
+    return reg
+
+
+def write_digits_manifest(root: Path, per_class: int) -> Path:
+    """``per_class`` digits of each class as a CSV manifest (one group per image), so a CLI
+    subprocess reads the same table."""
+    from ensembler.data import digits_folder, load_source
+
+    table = load_source("digits", cache_dir=digits_folder(root / "digits"))
+    labels = table.labels
+    keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
+    lines = ["id,path,label,group"] + [f"{table.ids[i]},{table.paths[i]},{labels[i]},{table.ids[i]}" for i in keep]
+    csv = root / f"digits{10 * per_class}.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
 def tiny_model(arch: str = "test_resnet", num_classes: int = 3, seed: int = 0, **kw):
     """A seeded timm test network in eval mode (no download)."""
     import timm

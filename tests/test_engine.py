@@ -17,7 +17,7 @@ from ensembler.models import create_model, joint_logits
 from ensembler.preprocess import Preprocess
 from ensembler.registry import Registry
 
-from conftest import write_image_table
+from conftest import res_eff_registry, write_image_table
 
 LABELS = LabelSpace(("cat", "dog", "fox"))
 
@@ -30,18 +30,12 @@ def _write_images(folder, n=7, seed=0):
 
 @pytest.fixture
 def setup(tmp_path):
-    torch.manual_seed(0)
     table = _write_images(tmp_path / "images")
-    reg = Registry(tmp_path / "checkpoints")
     pre_r = Preprocess(input_size=(32, 32), crop_pct=0.9, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
                        std=(0.5, 0.5, 0.5))
-    for fold in range(2):
-        reg.add(create_model("test_resnet", label_space=LABELS), family="res", fold=fold, arch="test_resnet",
-                head="flat", label_space=LABELS, preprocess=pre_r)
     pre_e = Preprocess(input_size=(40, 40), crop_pct=1.0, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
                        std=(0.229, 0.224, 0.225))
-    reg.add(create_model("test_efficientnet", label_space=LABELS), family="eff", fold=None,
-            arch="test_efficientnet", head="flat", label_space=LABELS, preprocess=pre_e)
+    reg = res_eff_registry(tmp_path / "checkpoints", LABELS, pre_r, pre_e)
     return table, reg, tmp_path / "cache"
 
 

@@ -19,7 +19,7 @@ from ensembler.predict import predict
 from ensembler.preprocess import Preprocess
 from ensembler.registry import Registry
 
-from conftest import write_mask_eval
+from conftest import res_eff_registry, write_mask_eval
 
 LABELS = LabelSpace(("cat", "dog", "fox"))
 PRE = Preprocess(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
@@ -46,14 +46,7 @@ def _shas(reg, family):
 
 def _registry(root, eff_pre):
     """Seeded: family 'res' (two test_resnet folds at PRE) and 'eff' (one test_efficientnet at ``eff_pre``)."""
-    torch.manual_seed(0)
-    reg = Registry(root)
-    for fold in range(2):
-        reg.add(create_model("test_resnet", label_space=LABELS), family="res", fold=fold, arch="test_resnet",
-                head="flat", label_space=LABELS, preprocess=PRE)
-    reg.add(create_model("test_efficientnet", label_space=LABELS), family="eff", fold=None,
-            arch="test_efficientnet", head="flat", label_space=LABELS, preprocess=eff_pre)
-    return reg
+    return res_eff_registry(root, LABELS, PRE, eff_pre)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from ensembler.predict import predict
 from ensembler.preprocess import Preprocess
 from ensembler.registry import Registry
 
-from conftest import write_image_table, write_mask_eval
+from conftest import res_eff_registry, write_image_table, write_mask_eval
 
 LABELS = LabelSpace(("cat", "dog", "fox"))
 PRE = Preprocess(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
@@ -35,14 +35,8 @@ def _images(folder, n=9, seed=0):
 
 @pytest.fixture
 def setup(tmp_path):
-    torch.manual_seed(0)
     table = _images(tmp_path / "images")
-    reg = Registry(tmp_path / "checkpoints")
-    for fold in range(2):
-        reg.add(create_model("test_resnet", label_space=LABELS), family="res", fold=fold, arch="test_resnet",
-                head="flat", label_space=LABELS, preprocess=PRE)
-    reg.add(create_model("test_efficientnet", label_space=LABELS), family="eff", fold=None,
-            arch="test_efficientnet", head="flat", label_space=LABELS, preprocess=PRE)
+    reg = res_eff_registry(tmp_path / "checkpoints", LABELS, PRE)
     return table, reg, tmp_path / "cache", tmp_path / "submissions"
 
 

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 
 from ensembler.cli import main
-from ensembler.data import SampleTable, digits_folder, load_source
+from ensembler.data import SampleTable, load_source
 from ensembler.errors import ImageDecodeError
 from ensembler.infer import predict_members, tta_report
 from ensembler.registry import Registry
 from ensembler.train import TrainConfig, train_folds
+
+from conftest import write_digits_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -31,14 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def digits_csv(tmp_path_factory) -> Path:
     """100 digits (10 per class) as a CSV manifest, so a CLI subprocess reads the same table."""
-    root = tmp_path_factory.mktemp("digits")
-    table = load_source("digits", cache_dir=digits_folder(root / "digits"))
-    labels = table.labels
-    keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:10] for c in range(10)]))
-    lines = ["id,path,label,group"] + [f"{table.ids[i]},{table.paths[i]},{labels[i]},{table.ids[i]}" for i in keep]
-    csv = root / "digits100.csv"
-    csv.write_text("\n".join(lines) + "\n")
-    return csv
+    return write_digits_manifest(tmp_path_factory.mktemp("digits"), 10)
 
 
 def config(**kw) -> TrainConfig:

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensembler.data import SampleTable, digits_folder, load_source
+from ensembler.data import SampleTable, load_source
 from ensembler.errors import DataError
 from ensembler.logits import read_logits
 from ensembler.registry import Registry
 from ensembler.train import TrainConfig, train_families, train_folds
+
+from conftest import write_digits_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -29,14 +31,7 @@ EPOCHS = 2
 @pytest.fixture(scope="module")
 def digits_csv(tmp_path_factory) -> Path:
     """120 digits (12 per class) as a CSV manifest, so a CLI subprocess reads the same table."""
-    root = tmp_path_factory.mktemp("digits")
-    table = load_source("digits", cache_dir=digits_folder(root / "digits"))
-    labels = table.labels
-    keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:12] for c in range(10)]))
-    lines = ["id,path,label,group"] + [f"{table.ids[i]},{table.paths[i]},{labels[i]},{table.ids[i]}" for i in keep]
-    csv = root / "digits120.csv"
-    csv.write_text("\n".join(lines) + "\n")
-    return csv
+    return write_digits_manifest(tmp_path_factory.mktemp("digits"), 12)
 
 
 def config(**kw) -> TrainConfig:

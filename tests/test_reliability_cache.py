@@ -10,7 +10,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 import ensembler.filehash as filehash
 from ensembler.cli import main
@@ -19,11 +18,10 @@ from ensembler.filehash import FileHashes
 from ensembler.infer import CacheWarning, predict_members
 from ensembler.labels import LabelSpace
 from ensembler.logits import Logits, read_logits, write_logits
-from ensembler.models import create_model
 from ensembler.preprocess import Preprocess
 from ensembler.registry import Registry
 
-from conftest import write_image_table
+from conftest import res_eff_registry, write_image_table
 
 LABELS = LabelSpace(("cat", "dog", "fox"))
 PRE = Preprocess(input_size=(24, 24), crop_pct=1.0, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -33,14 +31,8 @@ PRE = Preprocess(input_size=(24, 24), crop_pct=1.0, interpolation="bilinear", me
 def setup(tmp_path, monkeypatch):
     """Two families (res: 2 folds, eff: 1), 6 BMP images (same size each: content can change
     in place with the same size), and counters of forwards and of files read to hash."""
-    torch.manual_seed(0)
     table = write_image_table(tmp_path / "images", LABELS, 6, size=(24, 24), ext="bmp")
-    reg = Registry(tmp_path / "checkpoints")
-    for fold in range(2):
-        reg.add(create_model("test_resnet", label_space=LABELS), family="res", fold=fold, arch="test_resnet",
-                head="flat", label_space=LABELS, preprocess=PRE)
-    reg.add(create_model("test_efficientnet", label_space=LABELS), family="eff", fold=None,
-            arch="test_efficientnet", head="flat", label_space=LABELS, preprocess=PRE)
+    reg = res_eff_registry(tmp_path / "checkpoints", LABELS, PRE)
     counts = {"forward": 0, "hashed": []}
     real_load, real_hash = Registry.load_model, filehash._hash_bytes
 
