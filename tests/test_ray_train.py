@@ -210,3 +210,29 @@ def test_the_driver_shows_each_folds_epochs_and_scores_as_they_arrive(ray_cluste
             lines = [ln for ln in text.splitlines() if f"fold {fold} epoch {epoch:>3}" in ln]
             assert lines and "val_f1 " in lines[0] and "val_loss " in lines[0], text[-3000:]
     assert "Traceback" not in text
+
+
+def _torch_threads(report=None) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_a_task_computes_with_the_cpus_it_holds(ray_cluster, cpus):
+    """--cpus-per-fold N gives a fold N torch threads, whatever OMP_NUM_THREADS the cluster
+    passed down (the test cluster passes 1): a --deterministic run on Ray then matches a local
+    run at the same thread count."""
+    from ray import cloudpickle
+
+    from ensembler.executors import RayExecutor, Task
+
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)  # the workers cannot import this test module
+    try:
+        got = []
+        with RayExecutor(cpus_per_task=cpus, gpus_per_task=0) as ex:
+            ex.run_tasks([Task(key="threads", fn=_torch_threads)], on_result=lambda task, r: got.append(r))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert got == [cpus]

@@ -57,7 +57,8 @@ class RayExecutor(Executor):
     gpus_per_task : float
         GPUs each fold or inference worker holds (``--gpus-per-fold``; fractions share a GPU).
     cpus_per_task : float
-        CPUs each holds (``--cpus-per-fold``); Ray sets ``OMP_NUM_THREADS`` to it.
+        CPUs each holds (``--cpus-per-fold``); a worker computes with that many torch threads
+        (at least one), whatever ``OMP_NUM_THREADS`` the cluster's environment passed down.
     max_retries : int
         Times a task whose worker died is run again (it resumes from its last saved epoch).
     workers : int, optional
@@ -100,6 +101,11 @@ class RayExecutor(Executor):
         if self.cpus > self.cluster_cpus:
             self.close()
             raise EnsemblerError(f"--cpus-per-{unit} {self.cpus:g}: the Ray cluster has {self.cluster_cpus:g} CPUs")
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of each task or inference worker: its CPUs, at least one."""
+        return max(1, int(self.cpus))
 
     def close(self) -> None:
         if self._owns:
@@ -167,7 +173,8 @@ class RayExecutor(Executor):
             for i, task in enumerate(tasks):
                 opts = dict(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries,
                             retry_exceptions=False, name=task.key.replace(" ", "_"))
-                refs[remote.options(**opts).remote(task.fn, *task.args, report=SinkReport(sink, i))] = task
+                refs[remote.options(**opts).remote(task.fn, *task.args, report=SinkReport(sink, i),
+                                                   threads=self.threads)] = task
             pending = list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
@@ -234,7 +241,7 @@ class RayExecutor(Executor):
             return []
         actor_cls = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=self.max_retries,
                                max_task_retries=self.max_retries)(ShardActor)
-        actors = [actor_cls.remote(worker_cls, init_args) for _ in range(self.actor_count(len(shards)))]
+        actors = [actor_cls.remote(worker_cls, init_args, self.threads) for _ in range(self.actor_count(len(shards)))]
         results: list = [None] * len(shards)
         todo = list(range(len(shards)))
         running: dict[Any, tuple[int, Any]] = {}
@@ -290,11 +297,12 @@ class ShardActor:
     it loads (a modified checkpoint) then reaches the driver whole, as a task error, where Ray
     would turn an error of the actor's own creation into an ``ActorDiedError`` string."""
 
-    def __init__(self, worker_cls, init_args: tuple):
-        self.make, self.worker = (worker_cls, tuple(init_args)), None
+    def __init__(self, worker_cls, init_args: tuple, threads: int = 1):
+        self.make, self.worker, self.threads = (worker_cls, tuple(init_args)), None, threads
 
     def run(self, *shard):
         if self.worker is None:
+            use_threads(self.threads)
             self.worker = self.make[0](*self.make[1])
         return self.worker.run(*shard)
 
@@ -331,9 +339,20 @@ class SinkReport:
         ray.get(self.sink.ping.remote())  # calls from one caller run in order: every event is in
 
 
-def remote_call(fn, *args, report: SinkReport):
+def use_threads(threads: int) -> None:
+    """Compute with the CPUs the task holds: Ray sets ``OMP_NUM_THREADS`` only where the
+    environment has none, so a worker could otherwise inherit another count (and a
+    ``--deterministic`` run would then differ from a local one at the same thread count)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def remote_call(fn, *args, report: SinkReport, threads: int = 1):
     """What a Ray task runs: a start event (host, pid, GPUs), ``fn``, every event delivered."""
     import ray
+
+    use_threads(threads)
 
     report({"kind": "start", "host": socket.gethostname(), "pid": os.getpid(),
             "gpus": [str(g) for g in ray.get_gpu_ids()], "time": time.time()})
