@@ -29,6 +29,7 @@ DOCTEST_MODULES = (
     "ensembler.ensemble.tune_run",
     "ensembler.predict",
     "ensembler.cli",
+    "ensembler.data.identical",
 )
 
 

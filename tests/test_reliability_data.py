@@ -129,6 +129,56 @@ def test_the_same_image_twice_in_one_group_or_unlabeled_is_reported_and_stays_in
         load_source(_csv(tmp_path / "test", "path,id", [f"{tmp_path}/img/0.png,x", f"{tmp_path}/img/0.png,y"]))
 
 
+def test_byte_identical_copies_in_other_groups_or_labels_are_reported_by_split_train_and_inspect(tmp_path, capsys):
+    """Copies with the same bytes under two file names (BAD 9, by content): data split and
+    train-folds warn, naming both ids, and inspect --verify lists every pair whole; copies in
+    one group with one label are harmless and not reported; nothing is written by inspect."""
+    import shutil
+    import warnings
+
+    from ensembler.data import identical_images, warn_identical_images
+
+    for i in range(6):
+        _png(tmp_path / "img" / f"{i}.png", 20 * i)
+    shutil.copy(tmp_path / "img" / "0.png", tmp_path / "img" / "copy_of_0.png")  # person p9: a leak
+    shutil.copy(tmp_path / "img" / "1.png", tmp_path / "img" / "copy_of_1.png")  # same person, same label
+    shutil.copy(tmp_path / "img" / "2.png", tmp_path / "img" / "relabelled_2.png")  # same person, other label
+    rows = [f"img/{i}.png,{'cat' if i % 2 else 'dog'},p{i},{i}" for i in range(6)]
+    rows += ["img/copy_of_0.png,dog,p9,c0", "img/copy_of_1.png,cat,p1,c1", "img/relabelled_2.png,cat,p2,r2"]
+    csv = _csv(tmp_path, "path,label,group,id", rows)
+    table = load_source(csv)
+    pairs = identical_images(table)
+    assert [(p.first, p.second, p.other_group, p.other_label) for p in pairs] == [
+        (0, 6, True, False), (1, 7, False, False), (2, 8, False, True)]
+    with pytest.warns(UserWarning, match=r"(?s)2 image\(s\) have a byte-identical copy in another group or with another "
+                                         r"label.*id '0' .*group 'p0'\) and id 'c0' .*group 'p9'\) are the same image "
+                                         r"\(sha256 [0-9a-f]{12}\) in different groups.*id 'r2'.* with different labels"):
+        lines = warn_identical_images(table)
+    assert len(lines) == 2 and not any("'c1'" in line for line in lines)
+
+    out = tmp_path / "folds.csv"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["data", "split", "--data", str(csv), "--k", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "byte-identical copy in another group" in err and "'c0'" in err and out.is_file()
+
+    before = _bytes_of(tmp_path / "img")
+    assert main(["data", "inspect", "--data", str(csv), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "2 image(s) have a byte-identical copy" in text
+    assert f"{tmp_path}/img/copy_of_0.png" in text and "relabelled_2.png" in text and "copy_of_1.png" not in text
+    assert _bytes_of(tmp_path / "img") == before
+
+    from ensembler.registry import Registry
+    from ensembler.train import TrainConfig, train_folds
+
+    cfg = TrainConfig(arch="test_resnet", k=2, epochs=1, img_size=16, pretrained=False, workers=0, batch_size=8,
+                      device="cpu", family="fam")
+    with pytest.warns(UserWarning, match=r"a copy in another group can sit in train and validation at once"):
+        train_folds(table, cfg, Registry(tmp_path / "reg"), progress=False)
+
+
 # ---------------------------------------------------------------------------- decoding, file names
 def test_a_float32_tiff_in_0_to_1_decodes_to_the_right_8bit_values(tmp_path):
     from PIL import Image

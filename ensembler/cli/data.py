@@ -20,7 +20,8 @@ def register(sub) -> None:
                    help="also split into K grouped stratified folds and show each fold's class balance")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="split seed (default 0)")
     p.add_argument("--verify", action="store_true",
-                   help="decode every image and list the files that fail (exit 1 if any)")
+                   help="decode every image and list the files that fail (exit 1 if any), and byte-identical "
+                        "copies in different groups or with different labels")
     p.set_defaults(func=_inspect)
 
     p = gsub.add_parser(
@@ -129,7 +130,9 @@ def _fold_table(table):
 
 
 def _inspect(args) -> int:
-    from ..data import load_source_from_args, split_folds, verify_images
+    import warnings
+
+    from ..data import load_source_from_args, split_folds, verify_images, warn_identical_images
 
     out = console()
     with printed_warnings():
@@ -155,6 +158,15 @@ def _inspect(args) -> int:
                 out.print(f"{path}: {reason}", markup=False, highlight=False, soft_wrap=True)
             return 1
         out.print(f"all {len(table)} images decode")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # every line is printed below, whole
+            lines = warn_identical_images(table)
+        if lines:
+            out.print(f"{len(lines)} image(s) have a byte-identical copy in another group or with another label "
+                      "(a copy in another group can sit in train and validation at once):", style="bold yellow",
+                      highlight=False)
+            for line in lines:
+                out.print(line, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -162,12 +174,13 @@ def _split(args) -> int:
     from pathlib import Path
 
     from .._io import refuse_existing
-    from ..data import load_source_from_args, split_folds
+    from ..data import load_source_from_args, split_folds, warn_identical_images
 
     refuse_existing(args.out, overwrite=args.overwrite)  # before the data is read
     out = console()
     with printed_warnings():
         table = split_folds(load_source_from_args(args), args.k, args.seed)
+        warn_identical_images(table)  # byte-identical copies in two groups could land in two folds
     path = table.to_csv(Path(args.out))
     out.print(_fold_table(table))
     out.print(f"wrote {len(table)} rows in {args.k} folds (seed {args.seed}) to {path}", highlight=False)

@@ -79,6 +79,7 @@ from ..errors import DataError, ImageDecodeError
 from ..labels import DEFAULT_AGE_BANDS, LabelSpace, age_band, validate_age_bands
 from ._common import IMAGE_EXTENSIONS
 from .decode import decode_image, verify_images
+from .identical import IdenticalPair, identical_images, warn_identical_images
 from .digits import DIGITS_SIZE, DIGITS_VERSION, default_cache_root, digits_folder, load_digits_table
 from .mask import (
     GENDER_INDEX,
@@ -101,6 +102,7 @@ __all__ = [
     "DataError",
     "GENDER_INDEX",
     "IMAGE_EXTENSIONS",
+    "IdenticalPair",
     "ImageDecodeError",
     "LABEL_FIX_COLUMNS",
     "LabelSpace",
@@ -116,6 +118,7 @@ __all__ = [
     "detect_source",
     "digits_folder",
     "fold_class_counts",
+    "identical_images",
     "load_csv",
     "load_digits_table",
     "load_image_folder",
@@ -126,4 +129,5 @@ __all__ = [
     "split_folds",
     "validate_age_bands",
     "verify_images",
+    "warn_identical_images",
 ]

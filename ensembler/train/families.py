@@ -90,7 +90,7 @@ def train_families(table, configs: Sequence[TrainConfig], registry, *, executor:
     """
     from rich.markup import escape
 
-    from ..data import split_folds
+    from ..data import split_folds, warn_identical_images
     from ..models import check_arch, head_num_outputs
 
     if isinstance(configs, TrainConfig):
@@ -108,6 +108,7 @@ def train_families(table, configs: Sequence[TrainConfig], registry, *, executor:
         head_num_outputs(label_space, config.head)  # a factored head on a flat space fails here, named
         if explicit.count(config.family) > 1:
             raise EnsemblerError(f"two of the runs would both be family {config.family!r}: give each its own --family")
+    warn_identical_images(table, stacklevel=3)  # byte-identical copies across groups would leak between folds
     ex = make_executor(executor or "local")
     try:
         for config in configs:
