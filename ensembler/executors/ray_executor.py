@@ -230,10 +230,35 @@ class RayExecutor(Executor):
         shard of ``n`` rows is done."""
         shards = row_shards(len(table), batch_size, self.actor_count(-(-len(table) // max(batch_size, 1))))
         subs = [table.subset(rows) for rows in shards]
-        done = None if advance is None else (lambda i, _result: advance(len(subs[i])))
-        return self.map_shards(worker_cls, init_args, [(sub,) for sub in subs], on_done=done)
+        if advance is None:
+            return self.map_shards(worker_cls, init_args, [(sub,) for sub in subs])
+        import ray
 
-    def map_shards(self, worker_cls, init_args, shards, *, on_done=None) -> list:
+        # Each worker reports its batches to one sink the driver drains while it waits, so the
+        # progress bar moves batch by batch; a finished shard counts whatever did not arrive.
+        sink = ray.remote(num_cpus=0)(EventSink).remote()
+        counted, closed = [0] * len(subs), set()
+
+        def drain() -> None:
+            for i, n in ray.get(sink.drain.remote()):
+                if i not in closed:
+                    counted[i] += n
+                    advance(n)
+
+        def done(i, _result) -> None:
+            drain()
+            closed.add(i)
+            if len(subs[i]) > counted[i]:
+                advance(len(subs[i]) - counted[i])
+
+        try:
+            return self.map_shards(worker_cls, init_args, [(sub, RowsReport(sink, i)) for i, sub in enumerate(subs)],
+                                   on_done=done, on_wait=drain)
+        finally:
+            ray.kill(sink)
+
+    def map_shards(self, worker_cls, init_args, shards, *, on_done=None, on_wait=None) -> list:
+        """See :meth:`Executor.map_shards`; ``on_wait()`` is called about every 0.25 s while shards run."""
         import ray
 
         shards = list(shards)
@@ -252,7 +277,9 @@ class RayExecutor(Executor):
                     i = todo.pop(0)
                     running[actor.run.remote(*shards[i])] = (i, actor)
             while running:
-                done, _ = ray.wait(list(running), num_returns=1)
+                done, _ = ray.wait(list(running), num_returns=1, timeout=None if on_wait is None else 0.25)
+                if on_wait is not None:
+                    on_wait()
                 for ref in done:
                     i, actor = running.pop(ref)
                     try:
@@ -346,6 +373,16 @@ def use_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(threads)))
+
+
+class RowsReport:
+    """The ``advance(n)`` an inference worker gets on its shard: rows done go to the driver's sink."""
+
+    def __init__(self, sink, index: int):
+        self.sink, self.index = sink, index
+
+    def __call__(self, n: int) -> None:
+        self.sink.put.remote(self.index, int(n))
 
 
 def remote_call(fn, *args, report: SinkReport, threads: int = 1):
