@@ -46,7 +46,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._io import sha256_bytes
-from ..errors import IntegrityError, LogitError, WriteError
+from ..errors import LogitError, WriteError
 from ..filehash import STAMPS_NAME, FileHashes
 from ..logits import Logits, read_logits, sidecar_path, write_logits
 
@@ -82,26 +82,18 @@ def logits_checksum(key: str, ids, logits) -> str:
 def check_weights(hashes: FileHashes, path: str | os.PathLike, entry) -> None:
     """Refuse to serve cached logits of ``entry`` unless its weights file at ``path`` is intact.
 
-    The sha256 of the file (remembered by its stat in ``hashes``) must be the registry's
-    recorded ``entry.sha256``: the check a cold run makes when it loads the weights, with the
-    same messages.
+    The check a cold run makes when it loads the weights
+    (:func:`ensembler.registry.weights.check_weights_file`, same messages), with the file's
+    sha256 remembered by its stat in ``hashes``.
 
     Raises
     ------
     IntegrityError
         The weights file is missing or its sha256 differs (both named).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise IntegrityError(f"weights file of {entry.id!r} is missing: {path}")
-    try:
-        digest = hashes.sha256(path)
-    except OSError as exc:
-        raise IntegrityError(f"weights file {path} of {entry.id!r} cannot be read: {exc.strerror or exc}") from None
-    if digest != entry.sha256:
-        raise IntegrityError(f"weights file {path} of {entry.id!r} was modified: sha256 {digest} != recorded "
-                             f"{entry.sha256}")
+    from ..registry.weights import check_weights_file
 
+    check_weights_file(path, entry, sha256=hashes.sha256)
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(name)).strip("._") or "member"

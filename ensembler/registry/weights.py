@@ -7,8 +7,9 @@ where the file goes and records it in the index (under its lock).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .._io import atomic_path, sha256_file
 from ..errors import EnsemblerError, IntegrityError, RegistryError
@@ -109,6 +110,29 @@ def write_weights(path: Path, state: dict, entry: Entry) -> str:
     return sha256_file(path)
 
 
+def check_weights_file(path: str | os.PathLike, entry: Entry, sha256: Callable[[Path], str] = sha256_file) -> None:
+    """The weights file at ``path`` exists and its sha256 is the entry's recorded one.
+
+    ``sha256`` computes a file's digest (default: read it; the logit cache passes its
+    stat-remembered :meth:`~ensembler.filehash.FileHashes.sha256`, so a warm check reads nothing).
+
+    Raises
+    ------
+    IntegrityError
+        The file is missing, cannot be read, or its sha256 differs (file and both hashes named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrityError(f"weights file of {entry.id!r} is missing: {path}")
+    try:
+        digest = sha256(path)
+    except OSError as exc:
+        raise IntegrityError(f"weights file {path} of {entry.id!r} cannot be read: {exc.strerror or exc}") from None
+    if digest != entry.sha256:
+        raise IntegrityError(f"weights file {path} of {entry.id!r} was modified: sha256 {digest} != recorded "
+                             f"{entry.sha256}")
+
+
 def read_weights(path: Path, entry: Entry) -> dict:
     """The weights in ``path`` after checking the entry's sha256 and that every tensor is finite.
 
@@ -122,13 +146,7 @@ def read_weights(path: Path, entry: Entry) -> dict:
 
     from ..models import check_finite
 
-    if not path.is_file():
-        raise IntegrityError(f"weights file of {entry.id!r} is missing: {path}")
-    digest = sha256_file(path)
-    if digest != entry.sha256:
-        raise IntegrityError(
-            f"weights file {path} of {entry.id!r} was modified: sha256 {digest} != recorded "
-            f"{entry.sha256}")
+    check_weights_file(path, entry)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:  # noqa: BLE001 - SafetensorError
